@@ -1,0 +1,177 @@
+"""The ``receler`` command line: ``erase`` and ``generate``.
+
+Every training flag comes from :class:`receler.config.TrainConfig`, so the CLI, the
+Python API and the saved JSON cannot drift apart. Bad input ends with one line on
+stderr and a non-zero exit; nothing already written is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import get_type_hints
+
+from tqdm.auto import tqdm
+
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from .config import TrainConfig
+
+    hints = get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name == "concepts":
+            continue
+        kind = hints[f.name]
+        conv = {int: int, float: float}.get(kind, int if "int" in str(kind) else float)
+        p.add_argument("--" + f.name.replace("_", "-"), type=conv, default=f.default,
+                       help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="hub id or local diffusers folder (default: the shipped toy model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if any)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="receler", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("erase", help="train erasers that remove concepts from a model")
+    p.add_argument("--concept", required=True, help='concept(s) to erase, e.g. "car, truck"')
+    p.add_argument("--out", required=True, type=Path, help="folder for the erasers")
+    _add_model_flags(p)
+    _add_train_flags(p)
+    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace erasers already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("generate", help="generate images from the base or the erased model")
+    g.add_argument("--prompt", action="append", required=True,
+                   help="prompt (repeat the flag for several)")
+    g.add_argument("--out", required=True, type=Path, help="folder for the images")
+    g.add_argument("--erasers", type=Path, default=None, help="folder written by `receler erase`")
+    _add_model_flags(g)
+    g.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image of each prompt")
+    g.add_argument("--steps", type=int, default=None, help="DDIM steps (default: model's, or 50)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance (default: model's, or 7.5)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--compare", action="store_true",
+                   help="also write base vs erased, same seeds, as one grid PNG")
+    g.add_argument("--overwrite", action="store_true", help="replace images already in --out")
+    return parser
+
+
+def _resume_command(argv: list[str]) -> str:
+    args = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return "receler " + " ".join(shlex.quote(a) for a in args) + " --resume"
+
+
+def cmd_erase(args, argv: list[str]) -> int:
+    from .config import TrainConfig
+    from .serialization import check_out_dir
+
+    train_kwargs = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                    if f.name != "concepts"}
+    config = TrainConfig(concepts=args.concept, **train_kwargs)  # validates first
+    check_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
+
+    from .pipeline import default_model, load_pipeline  # heavy imports after the checks
+    from .train import Trainer, TrainingDiverged, TrainingInterrupted
+    from .viz import MaskPictures, loss_curves
+    model = args.model or default_model()
+    pipe = load_pipeline(model, device=args.device)
+    if args.overwrite and not args.resume:
+        (args.out / "checkpoint.safetensors").unlink(missing_ok=True)
+    trainer = Trainer(pipe, config, args.out, base_model=model, show_progress=not args.quiet,
+                      callbacks=[MaskPictures(args.out, config.mask_image_every)])
+    try:
+        trainer.train(resume=args.resume)
+    except TrainingInterrupted as e:
+        print(f"receler: interrupted after iteration {e.iteration}; checkpoint saved in {e.out_dir}."
+              f"\nresume with: {_resume_command(argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except TrainingDiverged as e:
+        print(f"receler: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    loss_curves(args.out / "train_log.jsonl", args.out / "loss_curves.png")
+    print(f"erased {config.concepts} in {trainer.iteration} iterations "
+          f"({trainer.seconds:.0f} s, {trainer.passes.forward} UNet forward passes); "
+          f"erasers in {args.out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import SamplerSettings, compare, generate, image_size
+    from .pipeline import default_model, load_pipeline
+    from .serialization import load_erasers
+
+    if args.num_images <= 0:
+        raise ValueError(f"--num-images must be positive, got {args.num_images}")
+    if args.compare and args.erasers is None:
+        raise ValueError("--compare needs --erasers DIR to compare against the base model")
+    prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    seeds = [args.seed + i for _ in args.prompt for i in range(args.num_images)]
+    names = [f"{i:03d}_{j:02d}.png" for i in range(len(args.prompt)) for j in range(args.num_images)]
+    targets = [args.out / n for n in names]
+    if args.compare:
+        targets += [args.out / "compare.png"] + [args.out / f"base_{n}" for n in names]
+    existing = [t for t in targets if t.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{existing[0]} already exists: pass --overwrite or another --out")
+    model = args.model or default_model()
+    pipe = load_pipeline(model, device=args.device)
+    if args.erasers is not None:
+        load_erasers(pipe, args.erasers)
+    settings = SamplerSettings.for_model(model)
+    settings.steps = args.steps or settings.steps
+    settings.guidance = args.guidance if args.guidance is not None else settings.guidance
+    args.out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(prompts) * (2 if args.compare else 1), desc="generating")
+    if args.compare:
+        scale = max(1, 128 // image_size(pipe, settings)[1])  # small models: readable grid
+        base, images, grid = compare(pipe, prompts, seeds, settings=settings,
+                                     batch_size=args.batch_size, scale=scale)
+        bar.update(2 * len(prompts))
+        grid.save(args.out / "compare.png")
+        for img, name in zip(base, names, strict=True):
+            img.save(args.out / f"base_{name}")
+    else:
+        images = generate(pipe, prompts, seeds, settings=settings, batch_size=args.batch_size,
+                          progress=bar.update)
+    bar.close()
+    for img, name in zip(images, names, strict=True):
+        img.save(args.out / name)
+    print(f"wrote {len(images)} images to {args.out}"
+          + (f" and {args.out / 'compare.png'}" if args.compare else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "erase":
+            return cmd_erase(args, argv)
+        return cmd_generate(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"receler: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("receler: aborted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

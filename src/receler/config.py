@@ -1,0 +1,108 @@
+"""Typed configs. The same objects feed the CLI flags, the Python API and the JSON
+saved beside the eraser weights."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with its help text; ``list``/``dict`` mean an empty one."""
+    if default in (list, dict):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def parse_concepts(text: str | list[str]) -> list[str]:
+    """``"car, truck"`` → ``["car", "truck"]``; refuses empty concepts."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    concepts = [c.strip() for c in items]
+    if not concepts or any(not c for c in concepts):
+        raise ValueError(
+            f"empty concept in {text!r}: pass one or more comma-separated concepts, "
+            "e.g. --concept \"car, truck\""
+        )
+    return concepts
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``receler erase``. Defaults follow the Receler paper."""
+
+    concepts: list[str] = _f(MISSING, "concepts to erase, comma-separated for several")
+    iterations: int = _f(500, "eraser training iterations (one sampled z_t each)")
+    lr: float = _f(3e-4, "learning rate of the erasers (Adam)")
+    rank: int = _f(128, "hidden width of each eraser MLP")
+    eta: float = _f(1.0, "negative guidance η of the erase target ε(∅) − η·(ε(c) − ε(∅))")
+    start_guidance: float = _f(3.0, "classifier-free guidance used when sampling z_t")
+    ddim_steps: int = _f(50, "DDIM steps of the z_t sampler; t is drawn from them")
+    reg_weight: float = _f(0.1, "weight of the concept-localised regularisation (0 = off)")
+    mask_threshold: float = _f(0.1, "threshold of the min-max normalised attention mask")
+    mask_resolution: int | None = _f(
+        None, "attention resolution of the mask (default: latent/4 or the nearest one)")
+    adv_steps: int = _f(10, "inner soft-prompt attack steps per iteration (0 = no attack)")
+    adv_tokens: int = _f(16, "number of adversarial soft tokens after the concept tokens")
+    adv_lr: float = _f(1e-2, "learning rate of the adversarial soft tokens (Adam)")
+    adv_start: int = _f(0, "first iteration that uses adversarial prompts")
+    seed: int = _f(0, "seed of every random draw of the run")
+    checkpoint_every: int = _f(50, "write a resumable checkpoint every N iterations")
+    mask_image_every: int = _f(100, "save a picture of the concept mask every N iterations (0 = never)")
+
+    def __post_init__(self):
+        self.concepts = parse_concepts(self.concepts)
+        positive = {"iterations": self.iterations, "rank": self.rank, "ddim_steps": self.ddim_steps,
+                    "adv_tokens": self.adv_tokens, "checkpoint_every": self.checkpoint_every}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        non_negative = {"adv_steps": self.adv_steps, "adv_start": self.adv_start,
+                        "reg_weight": self.reg_weight, "mask_image_every": self.mask_image_every}
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        for name in ("lr", "adv_lr", "eta", "start_guidance", "reg_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.lr <= 0 or self.adv_lr <= 0:
+            raise ValueError(f"learning rates must be positive, got lr={self.lr}, adv_lr={self.adv_lr}")
+        if not 0.0 <= self.mask_threshold <= 1.0:
+            raise ValueError(f"mask_threshold must lie in [0, 1], got {self.mask_threshold}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class EraserConfig:
+    """What ``eraser_config.json`` records beside ``erasers.safetensors``."""
+
+    rank: int = _f(128, "hidden width of each eraser")
+    concepts: list[str] = _f(list, "erased concepts")
+    base_model: str = _f("", "hub id or local path of the base pipeline")
+    method: str = _f("receler", "erasure method that produced the weights")
+    train: dict[str, Any] = _f(dict, "training settings (TrainConfig as a dict)")
+    layers: dict[str, int] = _f(dict, "attn2 module name → output channels")
+    receler_version: str = _f(__version__, "library version that wrote the file")
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> EraserConfig:
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read eraser config {path}: {e}") from None
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

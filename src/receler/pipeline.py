@@ -1,0 +1,156 @@
+"""Loading pipelines and the small pieces of sampling that training needs.
+
+Every size comes from the model's own config: latent channels and size from the
+UNet, the prompt length from the tokenizer, the timestep count from the scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+
+def default_model() -> str:
+    """Path of the toy-world pipeline that ships with receler (the default ``--model``)."""
+    try:
+        from .toyworld import default_model_path
+    except ImportError:
+        raise FileNotFoundError(
+            "no default model: the toy-world model is not part of this install yet; "
+            "pass --model with a hub id or a local diffusers folder"
+        ) from None
+    return str(default_model_path())
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 (or fp16) on CUDA, fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_pipeline(model: str | None = None, *, device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> DiffusionPipeline:
+    """Load a Stable-Diffusion-family pipeline by hub id or local folder (safetensors only).
+
+    Args:
+        model: hub id or folder written by ``save_pretrained``; ``None`` is the toy model.
+        device: where to put it; default CUDA if available.
+        dtype: default bf16/fp16 on CUDA, fp32 on the CPU.
+    """
+    model = model or default_model()
+    path = Path(model)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise ValueError(f"{model} is not a diffusers pipeline (no model_index.json): pass a "
+                         "folder written by save_pretrained, or a hub id")
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    dtype = dtype or default_dtype(device)
+    kwargs = {}
+    if path.is_dir() and "safety_checker" in json.loads((path / "model_index.json").read_text()):
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True,
+                                                 **kwargs)
+    except OSError as e:
+        raise ValueError(f"cannot load pipeline {model!r}: {str(e).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, part, None)
+        if module is not None:
+            module.requires_grad_(False).eval()
+    return pipe
+
+
+@dataclass
+class Conditioning:
+    """What a UNet call needs besides ``z_t`` and ``t``."""
+
+    hidden: torch.Tensor  # (B, T, D) prompt embedding
+    added: dict[str, torch.Tensor] | None = None  # SDXL-style extra conditions
+
+    def with_hidden(self, hidden: torch.Tensor) -> Conditioning:
+        return Conditioning(hidden, self.added)
+
+    def cat(self, other: Conditioning) -> Conditioning:
+        added = None
+        if self.added is not None:
+            added = {k: torch.cat([v, other.added[k]]) for k, v in self.added.items()}
+        return Conditioning(torch.cat([self.hidden, other.hidden]), added)
+
+
+def latent_shape(pipe) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the UNet's latent, from its config."""
+    cfg = pipe.unet.config
+    size = cfg.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return cfg.in_channels, h, w
+
+
+@torch.no_grad()
+def encode(pipe, prompts: list[str]) -> Conditioning:
+    """Encode prompts the way the pipeline does (padding to the tokenizer's max length)."""
+    device = pipe.unet.device
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL-style: two encoders + pooled
+        hidden, _, pooled, _ = pipe.encode_prompt(prompts, device=device,
+                                                  num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        _, h, w = latent_shape(pipe)
+        size = (h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
+        time_ids = torch.tensor([[*size, 0, 0, *size]], device=device, dtype=hidden.dtype)
+        return Conditioning(hidden, {"text_embeds": pooled,
+                                     "time_ids": time_ids.expand(len(prompts), -1)})
+    hidden, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                   do_classifier_free_guidance=False)
+    return Conditioning(hidden)
+
+
+def concept_token_indices(tokenizer, concept: str) -> list[int]:
+    """Positions of the concept's tokens in the encoded prompt ``concept`` (after BOS)."""
+    ids = tokenizer(concept, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"concept {concept!r} has no tokens: pass a non-empty concept")
+    return list(range(1, 1 + len(ids)))
+
+
+def unet_eps(unet, z: torch.Tensor, t: torch.Tensor | int, cond: Conditioning) -> torch.Tensor:
+    """One UNet call, with SDXL's extra conditions when there are any."""
+    kwargs = {"added_cond_kwargs": cond.added} if cond.added is not None else {}
+    return unet(z, t, encoder_hidden_states=cond.hidden, **kwargs).sample
+
+
+def ddim_scheduler(pipe, steps: int) -> DDIMScheduler:
+    """A DDIM scheduler with the pipeline's noise schedule, set to ``steps`` steps."""
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps, device=pipe.unet.device)
+    return sched
+
+
+@torch.no_grad()
+def ddim_until(pipe, sched: DDIMScheduler, latents: torch.Tensor, uncond: Conditioning,
+               cond: Conditioning, guidance: float, steps_done: int, count=None) -> torch.Tensor:
+    """Run ``steps_done`` DDIM steps with classifier-free guidance from ``latents``.
+
+    The result is ``z_t`` at ``t = sched.timesteps[steps_done]``.
+    """
+    both = uncond.cat(cond)
+    for t in sched.timesteps[:steps_done]:
+        inp = sched.scale_model_input(torch.cat([latents] * 2), t)
+        e_u, e_c = unet_eps(pipe.unet, inp, t, both).chunk(2)
+        if count is not None:
+            count(2)
+        latents = sched.step(e_u + guidance * (e_c - e_u), t, latents).prev_sample
+    return latents

@@ -1,0 +1,343 @@
+"""The Receler training loop.
+
+One iteration, for the next concept ``c`` in turn:
+
+1. sample ``z_t`` by DDIM with the *erased* model and the concept prompt, up to a
+   random step (no gradient);
+2. with the erasers off (the frozen model, same UNet, no copy): ``ε(z_t, t, ∅)`` and
+   ``ε(z_t, t, c)``, the latter while capturing cross-attention for the concept mask;
+3. adversarial prompt learning: ``adv_steps`` updates of the concept's soft tokens so
+   that the erased model under ``c ⊕ adv`` reproduces the frozen ``ε(c)``;
+4. one eraser update on the erase loss under ``c ⊕ adv`` plus the mask loss.
+
+All randomness comes from one ``torch.Generator`` whose state is checkpointed, so an
+interrupted run resumed from its checkpoint ends with the same weights as a run that
+was never interrupted. Checkpoints are single safetensors files, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .attention import binary_mask, capture_cross_attention, concept_attention
+from .config import EraserConfig, TrainConfig
+from .erasers import (
+    attach_erasers,
+    eraser_parameters,
+    erasers_disabled,
+    get_erasers,
+    record_eraser_outputs,
+)
+from .objective import attack_step, erase_loss, erase_target, insert_soft_tokens, mask_loss
+from .pipeline import (
+    concept_token_indices,
+    ddim_scheduler,
+    ddim_until,
+    encode,
+    latent_shape,
+    unet_eps,
+)
+from .serialization import (
+    CHECKPOINT_FILE,
+    check_out_dir,
+    eraser_state,
+    optimizer_tensors,
+    read_tensors,
+    restore_optimizer,
+    save_erasers,
+    save_tensors,
+)
+
+logger = logging.getLogger(__name__)
+LOG_FILE = "train_log.jsonl"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C: a checkpoint was written at ``iteration``."""
+
+    def __init__(self, iteration: int, out_dir: Path):
+        super().__init__(f"interrupted after iteration {iteration}; checkpoint in {out_dir}")
+        self.iteration, self.out_dir = iteration, out_dir
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint was kept."""
+
+
+@dataclass
+class PassCounter:
+    """UNet passes spent, counted per sample in the batch."""
+
+    forward: int = 0
+    backward: int = 0
+
+    def __call__(self, n: int = 1, backward: bool = False):
+        self.forward += n
+        self.backward += n if backward else 0
+
+
+@dataclass
+class IterationResult:
+    iteration: int
+    concept: str
+    step: int  # DDIM steps taken to reach z_t
+    timestep: int
+    loss_erase: float
+    loss_mask: float
+    loss_attack: list[float] = field(default_factory=list)
+    mask: torch.Tensor | None = None  # (h, w), for pictures
+    attention: torch.Tensor | None = None
+
+
+class Trainer:
+    """Trains one eraser set on ``pipe.unet`` for the concepts of ``config``.
+
+    Args:
+        pipe: a loaded Stable-Diffusion-family pipeline (see :func:`receler.load_pipeline`).
+        config: training settings.
+        out_dir: where checkpoints, the log, mask pictures and the final erasers go.
+        base_model: recorded in the eraser config.
+        callbacks: called as ``cb(trainer, result)`` after every iteration.
+    """
+
+    def __init__(self, pipe, config: TrainConfig, out_dir: Path, *, base_model: str = "",
+                 callbacks: list[Callable] | None = None, show_progress: bool = True):
+        self.pipe, self.config, self.out_dir = pipe, config, Path(out_dir)
+        self.base_model, self.callbacks = base_model, list(callbacks or [])
+        self.show_progress = show_progress
+        self.unet = pipe.unet
+        self.device = self.unet.device
+        self.latent_shape = latent_shape(pipe)
+        self.latent_hw = self.latent_shape[1:]
+        self.passes = PassCounter()
+        self.iteration = 0
+        self.seconds = 0.0
+        self._stop_requested = False
+
+        if get_erasers(self.unet):
+            raise ValueError("the UNet already has erasers: remove_erasers(pipe.unet) first")
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        self.erasers = attach_erasers(self.unet, config.rank, generator=self.generator)
+        self.optimizer = torch.optim.Adam(eraser_parameters(self.unet), lr=config.lr)
+        self.sched = ddim_scheduler(pipe, config.ddim_steps)
+
+        self.uncond = encode(pipe, [""])
+        self.concepts = config.concepts
+        self.cond = {c: encode(pipe, [c]) for c in self.concepts}
+        self.tokens = {c: concept_token_indices(pipe.tokenizer, c) for c in self.concepts}
+        max_len = self.uncond.hidden.shape[1]
+        for c, idx in self.tokens.items():
+            if config.adv_steps and idx[-1] + 1 + config.adv_tokens > max_len:
+                raise ValueError(f"concept {c!r} has {len(idx)} tokens: with {config.adv_tokens} "
+                                 f"adversarial tokens it exceeds the {max_len}-token prompt; "
+                                 "lower --adv-tokens")
+        # One soft prompt per concept, initialised to the embedding it replaces (no change).
+        self.adv = {}
+        for c, idx in self.tokens.items():
+            start = idx[-1] + 1
+            init = self.cond[c].hidden[0, start:start + config.adv_tokens].float().clone()
+            self.adv[c] = init.requires_grad_(True)
+        self.adv_opts = {c: torch.optim.Adam([p], lr=config.adv_lr) for c, p in self.adv.items()}
+
+    # ------------------------------------------------------------------ one iteration
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.generator))
+
+    def adversarial_hidden(self, concept: str, soft: torch.Tensor) -> torch.Tensor:
+        return insert_soft_tokens(self.cond[concept].hidden, soft, self.tokens[concept][-1] + 1)
+
+    def use_adversary(self) -> bool:
+        return self.config.adv_steps > 0 and self.iteration >= self.config.adv_start
+
+    def step(self) -> IterationResult:
+        cfg, unet = self.config, self.unet
+        concept = self.concepts[self.iteration % len(self.concepts)]  # round robin: equal shares
+        cond = self.cond[concept]
+        steps_done = self._randint(cfg.ddim_steps)
+        noise = torch.randn((1, *self.latent_shape), generator=self.generator)
+        noise = noise.to(self.device, self.uncond.hidden.dtype)
+
+        # 1. z_t from the erased model
+        z = ddim_until(self.pipe, self.sched, noise, self.uncond, cond, cfg.start_guidance,
+                       steps_done, count=self.passes)
+        t = self.sched.timesteps[steps_done]
+
+        # 2. frozen targets; attention of the concept prompt gives the mask
+        with torch.no_grad(), erasers_disabled(unet):
+            e_uncond = unet_eps(unet, z, t, self.uncond)
+            with capture_cross_attention(unet, detach=True) as maps:
+                e_cond = unet_eps(unet, z, t, cond)
+            self.passes(2)
+        attention = concept_attention(maps, self.tokens[concept], self.latent_hw,
+                                      cfg.mask_resolution)
+        mask = binary_mask(attention, cfg.mask_threshold)
+        target = erase_target(e_uncond, e_cond, cfg.eta)
+
+        # 3. adversarial prompt learning (the attack)
+        attack_losses = []
+        hidden = cond.hidden
+        if self.use_adversary():
+            soft, opt = self.adv[concept], self.adv_opts[concept]
+            predict = lambda s: unet_eps(unet, z, t, cond.with_hidden(self.adversarial_hidden(concept, s)))  # noqa: E731
+            for _ in range(cfg.adv_steps):
+                attack_losses.append(attack_step(soft, opt, predict, e_cond))
+                self.passes(1, backward=True)
+            hidden = self.adversarial_hidden(concept, soft.detach())
+
+        # 4. eraser update under the attack
+        with record_eraser_outputs(unet) as outputs:
+            e_erased = unet_eps(unet, z, t, cond.with_hidden(hidden))
+        loss_e = erase_loss(e_erased, target)
+        loss_m = mask_loss(outputs, mask, self.latent_hw) if cfg.reg_weight else torch.zeros(())
+        loss = loss_e + cfg.reg_weight * loss_m
+        if not torch.isfinite(loss) or not all(map(torch.isfinite, map(torch.tensor, attack_losses))):
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at iteration {self.iteration + 1}; "
+                f"the last good checkpoint is kept in {self.out_dir}: lower --lr and use --resume")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.passes(1, backward=True)
+        self.optimizer.step()
+        self.iteration += 1
+        return IterationResult(self.iteration, concept, steps_done, int(t), loss_e.item(),
+                               loss_m.item(), attack_losses, mask[0].cpu(), attention[0].cpu())
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> Path:
+        """Write everything needed to resume into one safetensors file, atomically."""
+        tensors = {f"erasers.{k}": v for k, v in eraser_state(self.unet).items()}
+        opt_t, opt_meta = optimizer_tensors(self.optimizer, "optim")
+        tensors.update(opt_t)
+        adv_meta = {}
+        for i, c in enumerate(self.concepts):
+            tensors[f"adv.{i}"] = self.adv[c].detach()
+            t_, adv_meta[c] = optimizer_tensors(self.adv_opts[c], f"adv_optim.{i}")
+            tensors.update(t_)
+        tensors["rng"] = self.generator.get_state()
+        meta = {"iteration": self.iteration, "config": self.config.to_dict(), "optim": opt_meta,
+                "adv_optim": adv_meta, "passes": vars(self.passes), "seconds": self.seconds,
+                "base_model": self.base_model, "receler_version": __version__}
+        path = self.out_dir / CHECKPOINT_FILE
+        save_tensors(path, tensors, meta)
+        return path
+
+    def restore(self, path: Path) -> None:
+        tensors, meta = read_tensors(path)
+        saved = TrainConfig.from_dict(meta["config"])
+        for name in ("concepts", "rank", "adv_tokens"):
+            if getattr(saved, name) != getattr(self.config, name):
+                raise ValueError(f"checkpoint {path} was trained with {name}="
+                                 f"{getattr(saved, name)!r}, not {getattr(self.config, name)!r}")
+        for name, e in self.erasers.items():
+            e.load_state_dict({k: tensors[f"erasers.{name}.{k}"] for k in e.state_dict()})
+        restore_optimizer(self.optimizer, "optim", tensors, meta["optim"])
+        for i, c in enumerate(self.concepts):
+            with torch.no_grad():
+                self.adv[c].copy_(tensors[f"adv.{i}"])
+            restore_optimizer(self.adv_opts[c], f"adv_optim.{i}", tensors, meta["adv_optim"][c])
+        self.generator.set_state(tensors["rng"])
+        self.iteration = meta["iteration"]
+        self.passes = PassCounter(**meta["passes"])
+        self.seconds = meta["seconds"]
+
+    # ------------------------------------------------------------------ the loop
+    def _on_sigint(self, signum, frame):
+        if self._stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        logger.warning("Ctrl-C: finishing this iteration, then writing a checkpoint "
+                       "(Ctrl-C again to abort without one)")
+
+    def request_stop(self) -> None:
+        """Stop after the current iteration with a checkpoint (what Ctrl-C does)."""
+        self._stop_requested = True
+
+    def train(self, *, resume: bool = False) -> EraserConfig:
+        """Run to ``config.iterations``; write the erasers and their config at the end.
+
+        Raises:
+            TrainingInterrupted: after Ctrl-C, once the checkpoint is written.
+            TrainingDiverged: on a non-finite loss, keeping the last good checkpoint.
+        """
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.out_dir / LOG_FILE
+        if resume:
+            self.restore(self.out_dir / CHECKPOINT_FILE)
+            _truncate_log(log_path, self.iteration)
+        else:
+            log_path.unlink(missing_ok=True)
+        cfg = self.config
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if in_main else None
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="erasing",
+                   disable=not self.show_progress, dynamic_ncols=True)
+        self.unet.eval()
+        try:
+            with log_path.open("a") as log:
+                while self.iteration < cfg.iterations:
+                    start = time.perf_counter()
+                    result = self.step()
+                    self.seconds += time.perf_counter() - start
+                    log.write(json.dumps(_log_row(result, self.passes)) + "\n")
+                    log.flush()
+                    bar.update(1)
+                    bar.set_postfix(erase=f"{result.loss_erase:.4f}", mask=f"{result.loss_mask:.4f}",
+                                    attack=f"{result.loss_attack[-1]:.4f}" if result.loss_attack else "-")
+                    for cb in self.callbacks:
+                        cb(self, result)
+                    if self.iteration % cfg.checkpoint_every == 0:
+                        self.checkpoint()
+                    if self._stop_requested and self.iteration < cfg.iterations:
+                        self.checkpoint()
+                        raise TrainingInterrupted(self.iteration, self.out_dir)
+        finally:
+            bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        self.checkpoint()
+        config = EraserConfig(rank=cfg.rank, concepts=list(self.concepts),
+                              base_model=self.base_model, train=cfg.to_dict())
+        save_erasers(self.unet, self.out_dir, config)
+        return config
+
+
+def _log_row(r: IterationResult, passes: PassCounter) -> dict:
+    return {"iteration": r.iteration, "concept": r.concept, "ddim_step": r.step,
+            "timestep": r.timestep, "loss_erase": r.loss_erase, "loss_mask": r.loss_mask,
+            "loss_attack_first": r.loss_attack[0] if r.loss_attack else None,
+            "loss_attack_last": r.loss_attack[-1] if r.loss_attack else None,
+            "unet_forward": passes.forward, "unet_backward": passes.backward}
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Drop log rows written after the checkpoint we resume from."""
+    if not path.is_file():
+        return
+    rows = [ln for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln)["iteration"] <= iteration]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def erase(pipe, config: TrainConfig, out_dir: str | Path, *, base_model: str = "",
+          resume: bool = False, overwrite: bool = False, **kwargs) -> EraserConfig:
+    """Train erasers for ``config.concepts`` on ``pipe`` and save them into ``out_dir``.
+
+    The erasers stay attached to ``pipe.unet``, so ``pipe`` generates erased images after.
+    """
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, overwrite=overwrite, resume=resume)
+    if overwrite and not resume:  # an old checkpoint would be resumed by mistake later;
+        (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # old erasers stay until replaced
+    trainer = Trainer(pipe, config, out_dir, base_model=base_model, **kwargs)
+    return trainer.train(resume=resume)

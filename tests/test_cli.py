@@ -1,0 +1,117 @@
+"""The CLI, run as a real subprocess on a tiny pipeline saved to disk."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from receler.serialization import CHECKPOINT_FILE, ERASERS_FILE
+
+FAST = ["--ddim-steps", "4", "--adv-steps", "1", "--adv-tokens", "4", "--rank", "4",
+        "--checkpoint-every", "1", "--mask-image-every", "1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def receler(*args, check_code: int | None = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "receler", *map(str, args)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    if check_code is not None:
+        assert proc.returncode == check_code, proc.stderr[-2000:]
+    return proc
+
+
+def error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("receler:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def erased(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "erasers"
+    proc = receler("erase", "--model", tiny_model_dir, "--concept", "car", "--out", out,
+                   "--iterations", "2", *FAST)
+    assert "erased ['car'] in 2 iterations" in proc.stdout
+    return out
+
+
+def test_erase_writes_erasers_pictures_and_log(erased):
+    for name in (ERASERS_FILE, "eraser_config.json", CHECKPOINT_FILE, "train_log.jsonl",
+                 "loss_curves.png"):
+        assert (erased / name).is_file(), name
+    masks = sorted((erased / "masks").glob("*.png"))
+    assert len(masks) == 2 and Image.open(masks[0]).size[0] > 100
+
+
+def test_generate_compare_writes_a_grid(tiny_model_dir, erased, tmp_path):
+    receler("generate", "--model", tiny_model_dir, "--erasers", erased, "--prompt", "car",
+            "--prompt", "dog", "--num-images", "2", "--compare", "--out", tmp_path)
+    grid = Image.open(tmp_path / "compare.png")
+    assert grid.size[0] > grid.size[1]  # 4 columns, 2 rows
+    assert len(list(tmp_path.glob("base_*.png"))) == 4 and (tmp_path / "001_01.png").is_file()
+
+
+def test_existing_erasers_are_refused_without_overwrite(tiny_model_dir, erased):
+    before = (erased / ERASERS_FILE).read_bytes()
+    proc = receler("erase", "--model", tiny_model_dir, "--concept", "car", "--out", erased,
+                   *FAST, check_code=2)
+    assert "--overwrite" in error_line(proc)
+    assert (erased / ERASERS_FILE).read_bytes() == before
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--concept", " , "], "empty concept"),
+    (["--concept", "car", "--iterations", "0"], "iterations must be positive"),
+])
+def test_bad_settings_exit_with_one_line(tiny_model_dir, tmp_path, args, message):
+    proc = receler("erase", "--model", tiny_model_dir, "--out", tmp_path / "o", *args,
+                   check_code=2)
+    assert message in error_line(proc)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_that_is_not_a_pipeline_is_refused(tmp_path):
+    (tmp_path / "junk.txt").write_text("hello")
+    proc = receler("erase", "--model", tmp_path, "--concept", "car", "--out", tmp_path / "o",
+                   check_code=2)
+    assert "not a diffusers pipeline" in error_line(proc)
+
+
+def test_a_corrupted_eraser_file_is_refused(tiny_model_dir, erased, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = (erased / ERASERS_FILE).read_bytes()
+    (bad / ERASERS_FILE).write_bytes(data[: len(data) // 3])
+    proc = receler("generate", "--model", tiny_model_dir, "--erasers", bad, "--prompt", "car",
+                   "--out", tmp_path / "imgs", check_code=2)
+    assert "truncated or corrupted" in error_line(proc)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "receler", "erase", "--model", str(tiny_model_dir),
+           "--concept", "car", "--out", str(out), "--iterations", "100000", *FAST]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert (out / CHECKPOINT_FILE).is_file() and not (out / ERASERS_FILE).exists()
+    resume = [ln for ln in stderr.splitlines() if ln.startswith("resume with:")]
+    assert len(resume) == 1 and resume[0].endswith("--resume")
+    # The printed command continues the run; here with a short total to finish quickly.
+    args = shlex.split(resume[0].removeprefix("resume with: "))[1:]
+    args[args.index("--iterations") + 1] = str(log.read_text().count("\n") + 1)
+    receler(*args)
+    assert (out / ERASERS_FILE).is_file()

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from receler import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted, erase, get_erasers
+from receler.serialization import CHECKPOINT_FILE, ERASERS_FILE, read_tensors
+from receler.train import check_out_dir
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(concepts="car", iterations=4, ddim_steps=4, adv_steps=2, adv_tokens=4, rank=4,
+                lr=1e-2, checkpoint_every=2, seed=7)
+    return TrainConfig(**{**base, **kw})
+
+
+def eraser_weights(pipe) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": v.clone() for n, e in get_erasers(pipe.unet).items()
+            for k, v in e.state_dict().items()}
+
+
+def log_rows(out):
+    return [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_training_runs_and_writes_erasers(pipe, tmp_path):
+    erase(pipe, config(), tmp_path, base_model="tiny")
+    assert (tmp_path / ERASERS_FILE).is_file() and (tmp_path / CHECKPOINT_FILE).is_file()
+    rows = log_rows(tmp_path)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["loss_attack_first"] is not None for r in rows)
+    # per iteration: 2·steps (z_t) + 2 (frozen) + adv_steps + 1 (eraser) forward passes
+    expected = sum(2 * r["ddim_step"] + 2 + 2 + 1 for r in rows)
+    assert rows[-1]["unet_forward"] == expected
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, tmp_path):
+    from receler import load_pipeline
+
+    full = load_pipeline(str(tiny_model_dir), device="cpu")
+    t_full = Trainer(full, config(), tmp_path / "full")
+    t_full.train()
+
+    part = load_pipeline(str(tiny_model_dir), device="cpu")
+    stop_at_3 = lambda tr, r: tr.request_stop() if r.iteration == 3 else None  # noqa: E731
+    with pytest.raises(TrainingInterrupted) as info:
+        Trainer(part, config(), tmp_path / "part", callbacks=[stop_at_3]).train()
+    assert info.value.iteration == 3
+
+    resumed = load_pipeline(str(tiny_model_dir), device="cpu")
+    t_res = Trainer(resumed, config(), tmp_path / "part")
+    t_res.train(resume=True)
+    a, b = eraser_weights(full), eraser_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(t_full.adv["car"], t_res.adv["car"])
+    assert log_rows(tmp_path / "full") == log_rows(tmp_path / "part")
+    assert not any(torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "up.weight" in k)
+
+
+def test_multi_concept_uses_one_eraser_set_and_one_prompt_per_concept(pipe, tmp_path):
+    trainer = Trainer(pipe, config(concepts="car, dog", iterations=6), tmp_path)
+    initial = {c: p.detach().clone() for c, p in trainer.adv.items()}
+    trainer.train()
+    seen = {r["concept"] for r in log_rows(tmp_path)}
+    assert seen == {"car", "dog"}
+    assert set(trainer.adv) == {"car", "dog"}
+    for c in seen:
+        assert not torch.equal(trainer.adv[c], initial[c])  # each concept's prompt was attacked
+    assert len(get_erasers(pipe.unet)) == 7
+
+
+def test_zero_adversarial_steps_still_trains_the_erasers(pipe, tmp_path):
+    trainer = Trainer(pipe, config(adv_steps=0), tmp_path)
+    trainer.train()
+    assert all(r["loss_attack_first"] is None for r in log_rows(tmp_path))
+    assert any(e.up.weight.abs().sum() > 0 for e in get_erasers(pipe.unet).values())
+
+
+def test_adversarial_start_takes_effect(pipe, tmp_path):
+    Trainer(pipe, config(adv_start=2), tmp_path).train()
+    attacked = [r["loss_attack_first"] is not None for r in log_rows(tmp_path)]
+    assert attacked == [False, False, True, True]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(pipe, tmp_path):
+    def poison(trainer, result):
+        if result.iteration == 3:
+            for e in get_erasers(trainer.unet).values():
+                with torch.no_grad():
+                    e.up.weight.fill_(float("nan"))
+
+    with pytest.raises(TrainingDiverged, match="iteration 4"):
+        Trainer(pipe, config(iterations=6), tmp_path, callbacks=[poison]).train()
+    tensors, meta = read_tensors(tmp_path / CHECKPOINT_FILE)
+    assert meta["iteration"] == 2
+    assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("erasers."))
+    assert not (tmp_path / ERASERS_FILE).exists()
+
+
+def test_existing_output_is_refused_without_overwrite(pipe, tmp_path):
+    erase(pipe, config(iterations=2), tmp_path)
+    before = (tmp_path / ERASERS_FILE).read_bytes()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        check_out_dir(tmp_path, overwrite=False, resume=False)
+    assert (tmp_path / ERASERS_FILE).read_bytes() == before
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        check_out_dir(tmp_path / "new", overwrite=False, resume=True)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"concepts": " , car"}, "empty concept"),
+    ({"concepts": ""}, "empty concept"),
+    ({"iterations": 0}, "iterations must be positive"),
+    ({"lr": float("nan")}, "lr must be a finite"),
+    ({"mask_threshold": 1.5}, "mask_threshold"),
+    ({"adv_steps": -1}, "adv_steps must be >= 0"),
+])
+def test_bad_settings_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        config(**kw)
+
+
+def test_too_many_adversarial_tokens_are_refused(pipe, tmp_path):
+    with pytest.raises(ValueError, match="lower --adv-tokens"):
+        Trainer(pipe, config(adv_tokens=40), tmp_path)
