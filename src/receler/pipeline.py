@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +63,14 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device | None
     kwargs = {}
     if path.is_dir() and "safety_checker" in json.loads((path / "model_index.json").read_text()):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True,
                                                  **kwargs)
     except OSError as e:
         raise ValueError(f"cannot load pipeline {model!r}: {str(e).splitlines()[0]}") from None
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # ours show progress over whole jobs
     pipe.to(device)
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, part, None)

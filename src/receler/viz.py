@@ -21,7 +21,8 @@ def image_grid(images: Sequence[Image.Image], cols: int, *, row_labels: Sequence
     rows = (len(images) + cols - 1) // cols
     left = 8 + 6 * max((len(s) for s in row_labels), default=0) if row_labels else 0
     top = 14 if col_labels else 0
-    grid = Image.new("RGB", (left + cols * (w + pad) + pad, top + rows * (h + pad) + pad), "white")
+    size = (left + cols * (w + pad) + pad, top + rows * (h + pad) + pad)
+    grid = Image.new("RGB", size, (235, 235, 235))
     draw = ImageDraw.Draw(grid)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
@@ -67,31 +68,47 @@ class MaskPictures:
         mask_picture(result.attention, result.mask, title=result.concept).save(self.dir / name)
 
 
-def loss_curves(log_path: Path, out_path: Path, *, size: tuple[int, int] = (640, 360)) -> Path:
-    """Plot the losses of ``train_log.jsonl`` (erase, mask, last attack) as a PNG."""
+def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], xs: list[int],
+           ys: list[float], color: tuple[int, int, int], title: str, window: int) -> None:
+    """One curve (thin) and its running mean over ``window`` points (thick), own y scale."""
+    x0, y0, x1, y1 = box
+    draw.rectangle(box, outline="black")
+    hi = max(ys) if max(ys) > 0 else 1.0
+    span = max(xs[-1] - xs[0], 1)
+
+    def pt(x, y):
+        return x0 + (x1 - x0) * (x - xs[0]) / span, y1 - (y1 - y0) * y / hi
+
+    faint = tuple(int(c + (255 - c) * 0.6) for c in color)
+    if len(xs) > 1:
+        draw.line([pt(x, y) for x, y in zip(xs, ys, strict=True)], fill=faint, width=1)
+        smooth = np.convolve(ys, np.ones(window) / window, mode="valid") if len(ys) >= window else ys
+        draw.line([pt(x, y) for x, y in zip(xs[len(xs) - len(smooth):], smooth, strict=True)],
+                  fill=color, width=2)
+    draw.text((x0 + 4, y0 + 2), f"{title} (running mean of {window})", fill=color)
+    draw.text((x0 - 46, y0), f"{hi:.3g}", fill="black")
+    draw.text((x0 - 12, y1 - 10), "0", fill="black")
+
+
+def loss_curves(log_path: Path, out_path: Path, *, width: int = 640, panel_height: int = 140
+                ) -> Path:
+    """Plot the losses of ``train_log.jsonl`` (erase, mask, attack), one panel each."""
     rows = [json.loads(ln) for ln in Path(log_path).read_text().splitlines() if ln.strip()]
     if not rows:
         raise ValueError(f"{log_path} has no rows to plot")
-    series = {"loss_erase": (200, 40, 40), "loss_mask": (40, 120, 200),
-              "loss_attack_last": (40, 160, 60)}
-    w, h = size
-    img = Image.new("RGB", size, "white")
+    series = {"loss_erase": (200, 40, 40), "loss_mask": (40, 110, 200),
+              "loss_attack_last": (30, 150, 60)}
+    present = {k: c for k, c in series.items() if any(r.get(k) is not None for r in rows)}
+    img = Image.new("RGB", (width, 30 + len(present) * (panel_height + 20)), "white")
     draw = ImageDraw.Draw(img)
-    box = (50, 20, w - 10, h - 30)
-    draw.rectangle(box, outline="black")
-    values = [r[k] for r in rows for k in series if r.get(k) is not None]
-    hi = max(values) if values else 1.0
-    hi = hi if hi > 0 else 1.0
-    n = max(len(rows) - 1, 1)
-    for i, (key, color) in enumerate(series.items()):
-        pts = [(box[0] + (box[2] - box[0]) * j / n, box[3] - (box[3] - box[1]) * r[key] / hi)
-               for j, r in enumerate(rows) if r.get(key) is not None]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=1)
-        draw.text((box[0] + 5 + 130 * i, 4), key, fill=color)
-    draw.text((4, box[1]), f"{hi:.3g}", fill="black")
-    draw.text((4, box[3] - 10), "0", fill="black")
-    draw.text((box[0], box[3] + 8), "iteration 1", fill="black")
-    draw.text((box[2] - 80, box[3] + 8), f"iteration {rows[-1]['iteration']}", fill="black")
+    window = max(1, len(rows) // 20)
+    for i, (key, color) in enumerate(present.items()):
+        pts = [(r["iteration"], r[key]) for r in rows if r.get(key) is not None]
+        top = 10 + i * (panel_height + 20)
+        _panel(draw, (50, top, width - 10, top + panel_height), [p[0] for p in pts],
+               [p[1] for p in pts], color, key, window)
+    bottom = img.height - 16
+    draw.text((50, bottom), f"iteration {rows[0]['iteration']}", fill="black")
+    draw.text((width - 110, bottom), f"iteration {rows[-1]['iteration']}", fill="black")
     img.save(out_path)
     return Path(out_path)
