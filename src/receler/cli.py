@@ -55,12 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     g = sub.add_parser("generate", help="generate images from the base or the erased model")
-    g.add_argument("--prompt", action="append", required=True,
-                   help="prompt (repeat the flag for several)")
+    what = g.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", action="append", help="prompt (repeat the flag for several)")
+    what.add_argument("--prompts", type=Path, help="prompt CSV (case_number, prompt, "
+                      "evaluation_seed, ...): images {case_number}_{index}.png, resumable, "
+                      "split across `accelerate launch` processes")
     g.add_argument("--out", required=True, type=Path, help="folder for the images")
     g.add_argument("--erasers", type=Path, default=None, help="folder written by `receler erase`")
     _add_model_flags(g)
-    g.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    g.add_argument("--num-images", type=int, default=None,
+                   help="images per prompt (default: 4 with --prompt, 1 with --prompts)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image of each prompt")
     g.add_argument("--steps", type=int, default=None, help="DDIM steps (default: model's, or 50)")
     g.add_argument("--guidance", type=float, default=None,
@@ -111,11 +115,51 @@ def cmd_erase(args, argv: list[str]) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from .generate import SamplerSettings, compare, generate, image_size
+def _load_for_generation(args, device=None):
+    from .generate import SamplerSettings
     from .pipeline import default_model, load_pipeline
     from .serialization import load_erasers
 
+    model = args.model or default_model()
+    pipe = load_pipeline(model, device=device or args.device)
+    if args.erasers is not None:
+        load_erasers(pipe, args.erasers)
+    settings = SamplerSettings.for_model(model)
+    settings.steps = args.steps or settings.steps
+    settings.guidance = args.guidance if args.guidance is not None else settings.guidance
+    return pipe, settings
+
+
+def cmd_generate_file(args) -> int:
+    from accelerate import PartialState
+
+    from .eval.prompts import read_prompts
+    from .generate import generate_prompt_file
+
+    rows = read_prompts(args.prompts)
+    if args.num_images is not None and args.num_images <= 0:
+        raise ValueError(f"--num-images must be positive, got {args.num_images}")
+    if args.compare:
+        raise ValueError("--compare works with --prompt; for a prompt file generate twice, "
+                         "with and without --erasers, into two folders")
+    state = PartialState(cpu=args.device == "cpu")
+    pipe, settings = _load_for_generation(args, device=args.device or state.device)
+    written = generate_prompt_file(
+        pipe, rows, args.out, num_images=args.num_images or 1, settings=settings,
+        batch_size=args.batch_size, process_index=state.process_index,
+        num_processes=state.num_processes, overwrite=args.overwrite,
+        show_progress=state.is_local_main_process)
+    print(f"[process {state.process_index}/{state.num_processes}] wrote {len(written)} images "
+          f"to {args.out} ({len(rows)} prompt rows in {args.prompts})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import compare, generate, image_size
+
+    if args.prompts is not None:
+        return cmd_generate_file(args)
+    args.num_images = 4 if args.num_images is None else args.num_images
     if args.num_images <= 0:
         raise ValueError(f"--num-images must be positive, got {args.num_images}")
     if args.compare and args.erasers is None:
@@ -129,13 +173,7 @@ def cmd_generate(args) -> int:
     existing = [t for t in targets if t.exists()]
     if existing and not args.overwrite:
         raise FileExistsError(f"{existing[0]} already exists: pass --overwrite or another --out")
-    model = args.model or default_model()
-    pipe = load_pipeline(model, device=args.device)
-    if args.erasers is not None:
-        load_erasers(pipe, args.erasers)
-    settings = SamplerSettings.for_model(model)
-    settings.steps = args.steps or settings.steps
-    settings.guidance = args.guidance if args.guidance is not None else settings.guidance
+    pipe, settings = _load_for_generation(args)
     args.out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(prompts) * (2 if args.compare else 1), desc="generating")
     if args.compare:
