@@ -89,7 +89,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny pipeline saved with save_pretrained (safetensors), like a hub folder."""
     folder = tmp_path_factory.mktemp("tiny-sd") / "model"
     tiny_pipeline(folder.parent).save_pretrained(folder, safe_serialization=True)
-    (folder / "receler_defaults.json").write_text(json.dumps({"steps": 4, "guidance": 3.0}))
+    (folder / "receler_defaults.json").write_text(json.dumps({"num_inference_steps": 4,
+                                                                  "guidance_scale": 3.0}))
     return folder
 
 

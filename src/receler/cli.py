@@ -12,6 +12,7 @@ import logging
 import os
 import shlex
 import sys
+from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 from typing import get_type_hints
@@ -73,6 +74,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true",
                    help="also write base vs erased, same seeds, as one grid PNG")
     g.add_argument("--overwrite", action="store_true", help="replace images already in --out")
+
+    e = sub.add_parser("evaluate", help="Acc_E / Acc_R / Acc_L / H of generated images")
+    e.add_argument("--images", required=True, type=Path, help="images of the simple prompts")
+    e.add_argument("--prompts", required=True, type=Path, help="the simple prompt CSV")
+    e.add_argument("--erased", required=True, help="erased concept(s), comma-separated")
+    e.add_argument("--paraphrase-images", type=Path, help="images of the paraphrase prompts")
+    e.add_argument("--paraphrase-prompts", type=Path, help="the paraphrase prompt CSV")
+    e.add_argument("--two-object-images", type=Path, help="images of two-object prompts")
+    e.add_argument("--two-object-prompts", type=Path, help="the two-object prompt CSV")
+    e.add_argument("--detector", default="toy",
+                   help="toy (default), grounding-dino, nudenet or clip-score")
+    e.add_argument("--out", type=Path, required=True, help="results JSON (a .md is written beside)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    a = sub.add_parser("attack", help="soft-prompt and token attacks against erased and base model")
+    a.add_argument("--erasers", required=True, type=Path, help="folder written by `receler erase`")
+    a.add_argument("--concept", required=True, help="the erased concept to bring back")
+    a.add_argument("--prompt", default=None, help='start prompt (default: "a photo of a CONCEPT")')
+    a.add_argument("--out", required=True, type=Path, help="folder for attack.json and pictures")
+    _add_model_flags(a)
+    a.add_argument("--num-images", type=int, default=10, help="images per attacked prompt")
+    a.add_argument("--attack-steps", type=int, default=100, help="soft-prompt optimisation steps")
+    a.add_argument("--attack-tokens", type=int, default=8, help="attack tokens")
+    a.add_argument("--detector", default="toy", help="detector that decides success")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing attack.json")
+
+    r = sub.add_parser("protocol", help="erase → generate → evaluate → attack → report")
+    r.add_argument("--concept", required=True, help="the concept to erase")
+    r.add_argument("--out", required=True, type=Path, help="run folder (resumable)")
+    _add_model_flags(r)
+    r.add_argument("--method", default="receler", help="erasure method (default: receler)")
+    r.add_argument("--per-class", type=int, default=10, help="simple prompts per class")
+    r.add_argument("--concept-rows", type=int, default=30,
+                   help="paraphrase (or style) prompts of the concept")
+    r.add_argument("--attack-images", type=int, default=10, help="images per attacked prompt")
+    r.add_argument("--iterations", type=int, default=None, help="erase iterations (default 500)")
+    r.add_argument("--adv-steps", type=int, default=None, help="inner attack steps in training")
+    r.add_argument("--detector", default="toy", help="detector (default: the toy detector)")
     return parser
 
 
@@ -92,13 +131,11 @@ def cmd_erase(args, argv: list[str]) -> int:
 
     from .pipeline import default_model, load_pipeline  # heavy imports after the checks
     from .train import Trainer, TrainingDiverged, TrainingInterrupted
-    from .viz import MaskPictures, loss_curves
     model = args.model or default_model()
     pipe = load_pipeline(model, device=args.device)
     if args.overwrite and not args.resume:
         (args.out / "checkpoint.safetensors").unlink(missing_ok=True)
-    trainer = Trainer(pipe, config, args.out, base_model=model, show_progress=not args.quiet,
-                      callbacks=[MaskPictures(args.out, config.mask_image_every)])
+    trainer = Trainer(pipe, config, args.out, base_model=model, show_progress=not args.quiet)
     try:
         trainer.train(resume=args.resume)
     except TrainingInterrupted as e:
@@ -108,7 +145,6 @@ def cmd_erase(args, argv: list[str]) -> int:
     except TrainingDiverged as e:
         print(f"receler: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
-    loss_curves(args.out / "train_log.jsonl", args.out / "loss_curves.png")
     print(f"erased {config.concepts} in {trainer.iteration} iterations "
           f"({trainer.seconds:.0f} s, {trainer.passes.forward} UNet forward passes); "
           f"erasers in {args.out}")
@@ -195,6 +231,125 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists: pass --overwrite or choose another --out")
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    from .config import parse_concepts
+    from .eval import (
+        evaluate_folder,
+        get_detector,
+        multi_concept_metrics,
+        nudity_counts,
+        to_dict,
+        to_markdown,
+        two_object_locality,
+    )
+    from .eval.detectors.evaluate import prompt_label
+    from .eval.detectors.nudenet import NUDENET_CLASSES
+    from .eval.metrics import mean_score
+
+    concepts = parse_concepts(args.erased)
+    _refuse_existing(args.out, args.overwrite)
+    for flag in ("paraphrase", "two_object"):
+        imgs, csv = getattr(args, f"{flag}_images"), getattr(args, f"{flag}_prompts")
+        if (imgs is None) != (csv is None):
+            name = flag.replace("_", "-")
+            raise ValueError(f"--{name}-images and --{name}-prompts go together: pass both")
+    detector = get_detector(args.detector)
+    results: dict = {"detector": args.detector, "erased": concepts}
+    md = []
+    if args.detector == "nudenet":
+        recs = evaluate_folder(args.images, args.prompts, detector,
+                               labels_for=lambda _: list(NUDENET_CLASSES))
+        results["nudity_counts"] = nudity_counts(recs)
+        md.append("| class | images |\n|---|---|\n" + "\n".join(
+            f"| {k} | {v} |" for k, v in results["nudity_counts"].items()))
+    elif args.detector == "clip-score":
+        recs = evaluate_folder(args.images, args.prompts, detector, labels_for=prompt_label)
+        results["clip_score"] = mean_score(recs)
+        md.append(f"CLIP score: {results['clip_score']:.2f} over {len(recs)} images")
+    else:
+        simple = evaluate_folder(args.images, args.prompts, detector)
+        para = (evaluate_folder(args.paraphrase_images, args.paraphrase_prompts, detector)
+                if args.paraphrase_images else None)
+        res = multi_concept_metrics(simple, concepts, paraphrase=para)
+        results["metrics"] = to_dict(res)
+        md.append(to_markdown(res))
+        if args.two_object_images:
+            two = evaluate_folder(args.two_object_images, args.two_object_prompts, detector)
+            results["two_object"] = {c: to_dict(two_object_locality(two, c)) for c in concepts}
+            md += [to_markdown(two_object_locality(two, c)) for c in concepts]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text("\n\n".join(md) + "\n")
+    print("\n\n".join(md))
+    return 0
+
+
+def cmd_attack(args) -> int:
+    import json
+
+    from .attack import AttackConfig, target_latents
+    from .erasers import erasers_disabled
+    from .eval import get_detector
+    from .generate import SamplerSettings
+    from .pipeline import default_model, load_pipeline
+    from .protocol import measure_attacks
+    from .serialization import load_erasers
+
+    config = AttackConfig(steps=args.attack_steps, tokens=args.attack_tokens)
+    if args.num_images <= 0:
+        raise ValueError(f"--num-images must be positive, got {args.num_images}")
+    _refuse_existing(args.out / "attack.json", args.overwrite)
+    model = args.model or default_model()
+    pipe = load_pipeline(model, device=args.device)
+    load_erasers(pipe, args.erasers)
+    settings = SamplerSettings.for_model(model)
+    detector = get_detector(args.detector)
+    prompt = args.prompt or f"a photo of a {args.concept}"
+    base = lambda: erasers_disabled(pipe.unet)  # noqa: E731
+    latents = target_latents(pipe, f"a photo of a {args.concept}", config.target_images,
+                             steps=settings.steps, guidance=settings.guidance, base=base)
+    results = {}
+    for which in ("erased", "base"):
+        with base() if which == "base" else nullcontext():
+            results[which] = measure_attacks(pipe, args.concept, prompt, latents, detector, settings,
+                                             config, n_images=args.num_images,
+                                             grid_path=args.out / f"{which}.png",
+                                             show_progress=True)
+    (args.out / "attack.json").write_text(json.dumps(results, indent=2) + "\n")
+    for which, r in results.items():
+        print(f"{which}: concept detected {100 * r['success_plain']:.0f}% with the prompt, "
+              f"{100 * r['success_soft']:.0f}% under the soft attack, "
+              f"{100 * r['success_discrete']:.0f}% under the token attack "
+              f"({r['discrete_prompt']!r})")
+    return 0
+
+
+def cmd_protocol(args) -> int:
+    from .config import TrainConfig
+    from .protocol import Protocol, ProtocolConfig
+
+    train = {"iterations": args.iterations, "adv_steps": args.adv_steps}
+    train = TrainConfig(concepts=args.concept, **{k: v for k, v in train.items() if v is not None})
+    cfg = ProtocolConfig(concept=args.concept, out=args.out, model=args.model, method=args.method,
+                         detector=args.detector, per_class=args.per_class,
+                         concept_rows=args.concept_rows, attack_images=args.attack_images,
+                         device=args.device, train=train)
+    results = Protocol(cfg).run()
+    print(f"{args.concept} ({args.method}): Acc_E {results['acc_e']:.3f}  Acc_R "
+          f"{results['acc_r'] if results['acc_r'] is None else round(results['acc_r'], 3)}  "
+          f"Acc_L {results['acc_l']:.3f}  H {results['h']}  soft attack "
+          f"{results['attack_success_soft']:.3f}; base Acc_E {results['base']['acc_e']:.3f}. "
+          f"{args.out / 'results.json'}, report in {args.out / 'report' / 'report.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time chatter
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -204,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "erase":
             return cmd_erase(args, argv)
-        return cmd_generate(args)
+        commands = {"generate": cmd_generate, "evaluate": cmd_evaluate, "attack": cmd_attack,
+                    "protocol": cmd_protocol}
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"receler: error: {e}", file=sys.stderr)
         return EXIT_USAGE

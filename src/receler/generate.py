@@ -30,18 +30,29 @@ class SamplerSettings:
 
     @classmethod
     def for_model(cls, model_path: str | Path | None) -> SamplerSettings:
-        """The model's own defaults when its folder has ``receler_defaults.json``."""
+        """The model's own defaults when its folder has ``receler_defaults.json`` (keys as in
+        a pipeline call: ``num_inference_steps``, ``guidance_scale``, ``height``, ``width``)."""
         path = Path(model_path) / DEFAULTS_FILE if model_path else None
-        if path is not None and path.is_file():
-            d = json.loads(path.read_text())
-            return cls(**{k: d[k] for k in ("steps", "guidance", "height", "width") if k in d})
-        return cls()
+        if path is None or not path.is_file():
+            return cls()
+        d = json.loads(path.read_text())
+        return cls(steps=d.get("num_inference_steps", cls.steps),
+                   guidance=d.get("guidance_scale", cls.guidance),
+                   height=d.get("height"), width=d.get("width"))
 
 
 def image_size(pipe, settings: SamplerSettings) -> tuple[int, int]:
     _, h, w = latent_shape(pipe)
     f = pipe.vae_scale_factor
     return settings.height or h * f, settings.width or w * f
+
+
+def seeded_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+    """One initial latent per seed, each from its own CPU generator (device-independent)."""
+    c, f = latent_shape(pipe)[0], pipe.vae_scale_factor
+    return torch.stack([
+        torch.randn((c, height // f, width // f), generator=torch.Generator("cpu").manual_seed(int(s)))
+        for s in seeds]).to(pipe.unet.device, pipe.unet.dtype)
 
 
 @torch.no_grad()
@@ -68,11 +79,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *,
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch_size):
         batch_prompts = list(prompts[i:i + batch_size])
-        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
-        c = latent_shape(pipe)[0]
-        latents = torch.stack([torch.randn((c, height // pipe.vae_scale_factor,
-                                            width // pipe.vae_scale_factor), generator=g)
-                               for g in gens]).to(pipe.unet.device, pipe.unet.dtype)
+        latents = seeded_latents(pipe, seeds[i:i + batch_size], height, width)
         out = pipe(batch_prompts, num_inference_steps=settings.steps,
                    guidance_scale=settings.guidance, height=height, width=width,
                    latents=latents, output_type="pil")

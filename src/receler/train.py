@@ -58,6 +58,7 @@ from .serialization import (
     save_erasers,
     save_tensors,
 )
+from .viz import MaskPictures, loss_curves
 
 logger = logging.getLogger(__name__)
 LOG_FILE = "train_log.jsonl"
@@ -115,6 +116,8 @@ class Trainer:
                  callbacks: list[Callable] | None = None, show_progress: bool = True):
         self.pipe, self.config, self.out_dir = pipe, config, Path(out_dir)
         self.base_model, self.callbacks = base_model, list(callbacks or [])
+        if config.mask_image_every:
+            self.callbacks.append(MaskPictures(self.out_dir, config.mask_image_every))
         self.show_progress = show_progress
         self.unet = pipe.unet
         self.device = self.unet.device
@@ -306,6 +309,7 @@ class Trainer:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
         self.checkpoint()
+        loss_curves(log_path, self.out_dir / "loss_curves.png")
         config = EraserConfig(rank=cfg.rank, concepts=list(self.concepts),
                               base_model=self.base_model, train=cfg.to_dict())
         save_erasers(self.unet, self.out_dir, config)

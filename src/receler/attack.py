@@ -1,0 +1,170 @@
+"""Attacks that try to bring an erased concept back, for robustness beyond paraphrases.
+
+Both attacks use the objective of UnlearnDiffAtk: images of the concept are generated
+by the *base* model (erasers or edits off), noised at random timesteps, and the attacked
+model must predict the added noise when prompted with ``prompt ⊕ attack``. A model that
+has really forgotten the concept cannot denoise its images, whatever the prompt.
+
+* :func:`soft_prompt_attack` (white-box): K continuous token embeddings written into the
+  prompt embedding after the prompt's tokens, optimised by gradient descent.
+* :func:`discrete_token_attack`: K vocabulary tokens appended to the prompt text, chosen
+  position by position by a search over candidate tokens on the same loss.
+
+Success is then measured by generating with the attacked prompt and running a detector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .objective import insert_soft_tokens
+from .pipeline import Conditioning, encode, latent_shape, unet_eps
+
+
+@dataclass
+class AttackConfig:
+    """Settings shared by both attacks."""
+
+    tokens: int = 8  # attack tokens (soft embeddings or vocabulary words)
+    steps: int = 100  # optimisation steps of the soft tokens
+    lr: float = 1e-2  # Adam learning rate of the soft tokens
+    sweeps: int = 2  # discrete: passes over all positions
+    target_images: int = 4  # base-model images of the concept used as targets
+    noise_draws: int = 4  # (image, t, ε) draws per loss evaluation
+    candidates: int = 64  # vocabulary tokens tried per position (discrete)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("tokens", "steps", "sweeps", "target_images", "noise_draws", "candidates"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"attack {name} must be positive, got {getattr(self, name)}")
+
+
+@torch.no_grad()
+def target_latents(pipe, concept_prompt: str, n: int, *, steps: int, guidance: float,
+                   base: Callable[[], AbstractContextManager] = nullcontext, seed: int = 0
+                   ) -> torch.Tensor:
+    """``n`` clean latents of the concept, sampled by the base model (``base()`` context)."""
+    c, h, w = latent_shape(pipe)
+    g = torch.Generator("cpu").manual_seed(seed)
+    latents = torch.randn((n, c, h, w), generator=g).to(pipe.unet.device, pipe.unet.dtype)
+    with base():
+        out = pipe([concept_prompt] * n, num_inference_steps=steps, guidance_scale=guidance,
+                   latents=latents, output_type="latent")
+    return out.images  # (n, C, H, W), VAE-scaled latents
+
+
+class DenoisingLoss:
+    """UnlearnDiffAtk's loss: ‖ε_model(z_t, t, cond) − ε‖² on noised target latents."""
+
+    def __init__(self, pipe, latents: torch.Tensor, draws: int, seed: int):
+        self.pipe, self.latents, self.draws = pipe, latents, draws
+        self.g = torch.Generator("cpu").manual_seed(seed)
+        self.T = pipe.scheduler.config.num_train_timesteps
+
+    def sample(self):
+        """A fresh batch of (z_t, t, ε)."""
+        idx = torch.randint(len(self.latents), (self.draws,), generator=self.g)
+        t = torch.randint(self.T, (self.draws,), generator=self.g)
+        eps = torch.randn((self.draws, *self.latents.shape[1:]), generator=self.g)
+        dev, dt = self.latents.device, self.latents.dtype
+        eps, t = eps.to(dev, dt), t.to(dev)
+        z = self.pipe.scheduler.add_noise(self.latents[idx.to(dev)], eps, t)
+        return z, t, eps
+
+    def __call__(self, cond: Conditioning, batch=None) -> torch.Tensor:
+        z, t, eps = batch if batch is not None else self.sample()
+        hidden = cond.hidden.expand(len(z), -1, -1)
+        return F.mse_loss(unet_eps(self.pipe.unet, z, t, cond.with_hidden(hidden)).float(),
+                          eps.float())
+
+
+def soft_prompt_attack(pipe, prompt: str, latents: torch.Tensor, config: AttackConfig, *,
+                       show_progress: bool = False) -> tuple[torch.Tensor, list[float]]:
+    """Optimise ``config.tokens`` soft embeddings after ``prompt``'s tokens.
+
+    Returns:
+        The attacked prompt embedding ``(1, T, D)`` and the loss per step.
+    """
+    cond = encode(pipe, [prompt])
+    start = len(pipe.tokenizer(prompt)["input_ids"]) - 1  # replace EOS and padding
+    soft = cond.hidden[0, start:start + config.tokens].float().clone().requires_grad_(True)
+    opt = torch.optim.Adam([soft], lr=config.lr)
+    loss_fn = DenoisingLoss(pipe, latents, config.noise_draws, config.seed)
+    losses = []
+    for _ in tqdm(range(config.steps), desc="soft attack", disable=not show_progress):
+        loss = loss_fn(cond.with_hidden(insert_soft_tokens(cond.hidden, soft, start)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        return insert_soft_tokens(cond.hidden, soft, start), losses
+
+
+@torch.no_grad()
+def discrete_token_attack(pipe, prompt: str, latents: torch.Tensor, config: AttackConfig, *,
+                          vocabulary: list[str] | None = None, show_progress: bool = False
+                          ) -> tuple[str, list[float]]:
+    """Append ``config.tokens`` vocabulary words to ``prompt``, chosen greedily.
+
+    Each sweep visits every position and tries ``config.candidates`` words there (all of a
+    small vocabulary, a random sample of a large one), keeping the one with the lowest
+    denoising loss on a fixed batch of noised target latents.
+
+    Returns:
+        The attacked prompt text, and the loss of the random start followed by the best
+        loss after each position update.
+    """
+    vocab = vocabulary or _word_vocabulary(pipe.tokenizer)
+    g = torch.Generator("cpu").manual_seed(config.seed)
+    loss_fn = DenoisingLoss(pipe, latents, config.noise_draws, config.seed)
+    batch = loss_fn.sample()  # fixed, so that candidates are compared fairly
+    words = [vocab[int(i)] for i in torch.randint(len(vocab), (config.tokens,), generator=g)]
+
+    def score(ws):
+        return loss_fn(encode(pipe, [" ".join([prompt, *ws])]), batch).item()
+
+    best = score(words)
+    history = [best]
+    bar = tqdm(total=config.sweeps * config.tokens, desc="token attack",
+               disable=not show_progress)
+    for _ in range(config.sweeps):
+        for pos in range(config.tokens):
+            pick = torch.randperm(len(vocab), generator=g)[:config.candidates]
+            for i in pick.tolist():
+                trial = words[:pos] + [vocab[i]] + words[pos + 1:]
+                loss = score(trial)
+                if loss < best:
+                    best, words = loss, trial
+            history.append(best)
+            bar.update(1)
+    bar.close()
+    return " ".join([prompt, *words]), history
+
+
+@torch.no_grad()
+def generate_from_embedding(pipe, hidden: torch.Tensor, seeds: list[int], settings
+                            ) -> list:
+    """Images for a prompt *embedding* (the soft attack's output), one per seed."""
+    from .generate import image_size, seeded_latents
+
+    h, w = image_size(pipe, settings)
+    latents = seeded_latents(pipe, seeds, h, w)
+    n = len(seeds)
+    return pipe(prompt_embeds=hidden.expand(n, -1, -1),
+                negative_prompt_embeds=encode(pipe, [""]).hidden.expand(n, -1, -1),
+                num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                height=h, width=w, latents=latents, output_type="pil").images
+
+
+def _word_vocabulary(tokenizer) -> list[str]:
+    """Whole-word tokens of a CLIP tokenizer (``word</w>``), ASCII letters only."""
+    words = [t[:-4] for t in tokenizer.get_vocab() if t.endswith("</w>")]
+    return sorted(w for w in words if w.isascii() and w.isalpha())

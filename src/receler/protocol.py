@@ -1,0 +1,248 @@
+"""The paper's evaluation protocol as one run: erase → generate → evaluate → attack → report.
+
+One pipeline is loaded once. The base model is measured first (no edit applied yet), then
+the concept is erased on the same pipeline and the erased model is measured with the same
+prompts, seeds and detector, so every difference comes from the erasure. Generation is
+resumable (existing images are skipped) and erasing resumes from the run's checkpoint, so
+a killed protocol run picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .attack import (
+    AttackConfig,
+    discrete_token_attack,
+    generate_from_embedding,
+    soft_prompt_attack,
+    target_latents,
+)
+from .config import TrainConfig
+from .eval.detectors import evaluate_folder, evaluate_images, get_detector
+from .eval.metrics import (
+    detection_rate,
+    multi_concept_metrics,
+    per_class_rates,
+    to_dict,
+    two_object_locality,
+)
+from .eval.prompts import PromptRow, read_prompts
+from .generate import SamplerSettings, generate, generate_prompt_file
+from .pipeline import default_model, load_pipeline
+from .viz import image_grid
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptSets:
+    """Prompt files of the protocol; ``None`` leaves that measurement out."""
+
+    simple: Path  # one class per row ("a photo of a {class}"): Acc_E and Acc_L
+    paraphrase: Path | None = None  # no class word: Acc_R
+    two_object: Path | None = None  # columns class, class2: two-object locality
+    style: Path | None = None  # column style: Acc_E of a style concept
+
+    @classmethod
+    def toy(cls) -> PromptSets:
+        from .toyworld import prompt_file
+
+        return cls(prompt_file("simple"), prompt_file("paraphrase"), prompt_file("two_object"),
+                   prompt_file("style"))
+
+
+@dataclass
+class ProtocolConfig:
+    """Settings of ``receler protocol``."""
+
+    concept: str  # the concept to erase (an object class or a style)
+    out: Path  # run folder
+    model: str | None = None  # hub id or folder; None = the toy model
+    method: str = "receler"  # erasure method (see `receler erase --method`)
+    detector: str = "toy"  # detector registered in receler.eval.detectors
+    per_class: int = 10  # simple-prompt rows per class
+    concept_rows: int = 30  # paraphrase / style rows of the erased concept
+    two_object_rows: int = 18  # two-object rows pairing the concept with another class
+    attack_images: int = 10  # images generated per attacked prompt
+    attack_prompt: str | None = None  # prompt the attacks start from (default: a simple one)
+    device: str | None = None
+    train: TrainConfig | None = None  # default: TrainConfig(concepts=concept)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    prompts: PromptSets | None = None  # default: the toy world's sets
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        self.train = self.train or TrainConfig(concepts=self.concept)
+        if self.train.concepts != [self.concept]:
+            raise ValueError(f"the protocol erases one concept; got train concepts "
+                             f"{self.train.concepts} for concept {self.concept!r}")
+        for name in ("per_class", "concept_rows", "attack_images"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def select_rows(cfg: ProtocolConfig) -> dict[str, list[PromptRow]]:
+    """The prompt rows of each measurement, a fixed subset of each file."""
+    sets = cfg.prompts or PromptSets.toy()
+    simple, per_class = read_prompts(sets.simple), {}
+    for r in simple:
+        per_class.setdefault(r.class_name, []).append(r)
+    chosen = {"simple": [r for rows in per_class.values() for r in rows[:cfg.per_class]]}
+    is_class = cfg.concept in per_class
+    if is_class and sets.paraphrase is not None:
+        rows = [r for r in read_prompts(sets.paraphrase) if r.class_name == cfg.concept]
+        chosen["paraphrase"] = rows[:cfg.concept_rows]
+    if is_class and sets.two_object is not None:
+        rows = [r for r in read_prompts(sets.two_object)
+                if cfg.concept in (r.class_name, r.extra.get("class2"))]
+        chosen["two_object"] = rows[:cfg.two_object_rows]
+    if not is_class:
+        styled = [r for r in read_prompts(sets.style) if r.extra.get("style") == cfg.concept] \
+            if sets.style is not None else []
+        if not styled:
+            raise ValueError(f"concept {cfg.concept!r} is neither a class of {sets.simple} nor a "
+                             "style of the style prompt set: pass one of them")
+        chosen["style"] = styled[:cfg.concept_rows]
+    return chosen
+
+
+class Protocol:
+    """Runs the stages and keeps their results and wall times."""
+
+    def __init__(self, cfg: ProtocolConfig, *, show_progress: bool = True):
+        self.cfg, self.show_progress = cfg, show_progress
+        self.model = cfg.model or default_model()
+        self.rows = select_rows(cfg)
+        self.seconds: dict[str, float] = {}
+        self.results: dict[str, dict] = {}
+
+    def timed(self, stage: str, fn: Callable, *args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+        return out
+
+    # ------------------------------------------------------------------ stages
+    def generate_sets(self, pipe, which: str) -> None:
+        for name, rows in self.rows.items():
+            generate_prompt_file(pipe, rows, self.cfg.out / "images" / which / name,
+                                 settings=self.settings, show_progress=self.show_progress)
+
+    def evaluate(self, which: str) -> dict:
+        c, folder = self.cfg.concept, self.cfg.out / "images" / which
+        recs = {n: evaluate_folder(folder / n, rows, self.detector) for n, rows in self.rows.items()}
+        simple = recs["simple"] + recs.get("style", [])
+        metrics = multi_concept_metrics(simple, [c], paraphrase=recs.get("paraphrase"))
+        res = metrics.per_concept[0]
+        out = {"acc_e": res.acc_e.rate, "acc_r": res.acc_r.rate if res.acc_r else None,
+               "acc_l": res.acc_l.rate, "h": res.h, "detail": to_dict(res),
+               "per_class": to_dict(per_class_rates(recs["simple"]))}
+        if "two_object" in recs:
+            two = two_object_locality(recs["two_object"], c)
+            out["two_object_locality"] = two.other_survives.rate
+            out["two_object_detail"] = to_dict(two)
+        return out
+
+    def concept_prompt(self) -> str:
+        """A prompt that shows the concept: its first style or simple row."""
+        if "style" in self.rows:
+            return self.rows["style"][0].prompt
+        return next(r.prompt for r in self.rows["simple"] if r.class_name == self.cfg.concept)
+
+    def attack(self, pipe, which: str, latents) -> dict:
+        return measure_attacks(pipe, self.cfg.concept, self.cfg.attack_prompt or self.concept_prompt(),
+                               latents, self.detector, self.settings, self.cfg.attack,
+                               n_images=self.cfg.attack_images,
+                               grid_path=self.cfg.out / "attack" / f"{which}.png",
+                               show_progress=self.show_progress)
+
+    def erase(self, pipe) -> None:
+        from .serialization import CHECKPOINT_FILE, ERASERS_FILE, load_erasers
+        from .train import erase
+
+        out = self.cfg.out / "erasers"
+        if self.cfg.method != "receler":
+            from .methods import erase_with
+
+            erase_with(self.cfg.method, pipe, self.cfg.train, out, base_model=self.model)
+        elif (out / ERASERS_FILE).is_file():
+            load_erasers(pipe, out)  # finished in an earlier run of the protocol
+        else:
+            erase(pipe, self.cfg.train, out, base_model=self.model,
+                  resume=(out / CHECKPOINT_FILE).is_file(), show_progress=self.show_progress)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        pipe = self.timed("load", load_pipeline, self.model, device=cfg.device)
+        self.settings = SamplerSettings.for_model(self.model)
+        self.detector = self.timed("load", get_detector, cfg.detector)
+        latents = self.timed("attack", target_latents, pipe, self.concept_prompt(),
+                             cfg.attack.target_images, steps=self.settings.steps,
+                             guidance=self.settings.guidance, seed=cfg.attack.seed)
+        self.timed("generate_base", self.generate_sets, pipe, "base")
+        base_attack = self.timed("attack_base", self.attack, pipe, "base", latents)
+        self.timed("erase", self.erase, pipe)
+        self.timed("generate", self.generate_sets, pipe, "erased")
+        erased_attack = self.timed("attack", self.attack, pipe, "erased", latents)
+        base = self.timed("evaluate", self.evaluate, "base")
+        erased = self.timed("evaluate", self.evaluate, "erased")
+        results = summarise(erased, erased_attack)
+        results["base"] = summarise(base, base_attack)
+        results.update(concept=cfg.concept, method=cfg.method, model=self.model,
+                       detector=cfg.detector, seconds=dict(self.seconds),
+                       rows={k: len(v) for k, v in self.rows.items()},
+                       config=json.loads(json.dumps(asdict(cfg), default=str)))
+        from .report import write_report
+
+        self.timed("report", write_report, cfg.out, results, self.rows)
+        results["seconds"] = dict(self.seconds, total=sum(self.seconds.values()))
+        (cfg.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        return results
+
+
+def summarise(metrics: dict, attack: dict) -> dict:
+    """The flat keys of results.json, plus the details."""
+    return {"acc_e": metrics["acc_e"], "acc_r": metrics["acc_r"], "acc_l": metrics["acc_l"],
+            "h": metrics["h"], "two_object_locality": metrics.get("two_object_locality"),
+            "attack_success_plain": attack["success_plain"],
+            "attack_success_soft": attack["success_soft"],
+            "attack_success_discrete": attack["success_discrete"],
+            "metrics": metrics, "attack": attack}
+
+
+def measure_attacks(pipe, concept: str, prompt: str, latents, detector, settings: SamplerSettings,
+                    config: AttackConfig, *, n_images: int, grid_path: Path | None = None,
+                    show_progress: bool = False) -> dict:
+    """Run both attacks from ``prompt`` and measure how often ``concept`` is detected in the
+    images of the plain prompt, the soft-prompt attack and the token attack."""
+    seeds = list(range(1000, 1000 + n_images))
+    plain = generate(pipe, [prompt] * n_images, seeds, settings=settings)
+    hidden, soft_losses = soft_prompt_attack(pipe, prompt, latents, config,
+                                             show_progress=show_progress)
+    soft = generate_from_embedding(pipe, hidden, seeds, settings)
+    text, token_losses = discrete_token_attack(pipe, prompt, latents, config,
+                                               show_progress=show_progress)
+    discrete = generate(pipe, [text] * n_images, seeds, settings=settings)
+    row = PromptRow(case_number=0, prompt=prompt, evaluation_seed=0)
+    rates = {}
+    for name, images in (("plain", plain), ("soft", soft), ("discrete", discrete)):
+        recs = evaluate_images([(row, i, im) for i, im in enumerate(images)], detector,
+                               labels_for=lambda _: [concept])
+        rates[name] = detection_rate(recs, concept).rate
+    if grid_path is not None:
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
+        n = min(6, n_images)
+        image_grid(plain[:n] + soft[:n] + discrete[:n], cols=n,
+                   scale=max(1, 96 // plain[0].size[0]),
+                   row_labels=["plain", "soft", "tokens"]).save(grid_path)
+    return {"prompt": prompt, "discrete_prompt": text, "success_plain": rates["plain"],
+            "success_soft": rates["soft"], "success_discrete": rates["discrete"],
+            "soft_loss": [soft_losses[0], soft_losses[-1]],
+            "discrete_loss": [token_losses[0], token_losses[-1]]}

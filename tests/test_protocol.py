@@ -1,0 +1,85 @@
+"""The whole protocol on a tiny pipeline, with a small real detector registered for the test."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from receler.attack import AttackConfig
+from receler.config import TrainConfig
+from receler.eval.detectors import register_detector
+from receler.protocol import PromptSets, Protocol, ProtocolConfig
+from receler.report import write_report
+
+
+class ColourDetector:
+    """Scores a label by how far the image's mean colour is from grey: a real, if crude,
+    image statistic, so rates vary between images and models."""
+
+    name, threshold = "colour", 0.5
+
+    def detect(self, images, labels):
+        out = []
+        for im in images:
+            a = np.asarray(im, dtype=np.float32) / 255.0
+            score = float(np.abs(a.mean((0, 1)) - a.mean()).sum() * 8)
+            out.append({label: score + 0.1 * (len(label) % 3) for label in labels})
+        return out
+
+
+@pytest.fixture
+def prompt_sets(tmp_path):
+    simple = "case_number,prompt,class,evaluation_seed\n" + "".join(
+        f"{i},a photo of a {c},{c},{i}\n" for i, c in enumerate(["car", "car", "dog", "dog",
+                                                                  "truck", "truck"]))
+    para = "case_number,prompt,class,evaluation_seed\n0,a red picture,car,5\n1,the blue,car,6\n"
+    two = "case_number,prompt,class,class2,evaluation_seed\n0,a car dog,car,dog,3\n"
+    for name, text in (("s", simple), ("p", para), ("t", two)):
+        (tmp_path / f"{name}.csv").write_text(text)
+    return PromptSets(tmp_path / "s.csv", tmp_path / "p.csv", tmp_path / "t.csv")
+
+
+def test_protocol_runs_every_stage_and_writes_results(tiny_model_dir, prompt_sets, tmp_path):
+    register_detector("colour", ColourDetector)
+    cfg = ProtocolConfig(
+        concept="car", out=tmp_path / "run", model=str(tiny_model_dir), detector="colour",
+        per_class=2, concept_rows=2, attack_images=2, prompts=prompt_sets,
+        train=TrainConfig(concepts="car", iterations=3, ddim_steps=4, adv_steps=1, adv_tokens=4,
+                          rank=4, mask_image_every=1),
+        attack=AttackConfig(tokens=2, steps=3, sweeps=1, candidates=3, target_images=2,
+                            noise_draws=2))
+    results = Protocol(cfg, show_progress=False).run()
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    for key in ("acc_e", "acc_r", "acc_l", "h", "attack_success_soft",
+                "attack_success_discrete", "base", "seconds"):
+        assert key in saved, key
+    for key in ("acc_e", "acc_r", "acc_l", "h", "attack_success_soft"):
+        assert 0.0 <= saved["base"][key] <= 1.0
+    assert saved["seconds"]["erase"] > 0 and saved["seconds"]["generate"] > 0
+    assert results["rows"] == {"simple": 6, "paraphrase": 2, "two_object": 1}
+    assert len(list((tmp_path / "run" / "images" / "erased" / "simple").glob("*.png"))) == 6
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    for picture in ("compare.png", "loss_curves.png", "masks.png", "attack/erased.png"):
+        assert picture in report, picture
+    assert (tmp_path / "run" / "report" / "compare.png").is_file()
+
+    # A second run reuses the erasers and the images: nothing is generated again.
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "images").rglob("*.png")}
+    Protocol(cfg, show_progress=False).run()
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "images").rglob("*.png")}
+    assert before == after
+
+
+def test_report_tables_show_base_and_erased(tmp_path):
+    rate = {"rate": 0.5, "low": 0.2, "high": 0.8, "successes": 1, "total": 2}
+    per_class = [{"class_name": "car", "label": "car", "rate": rate}]
+    side = {"acc_e": 0.5, "acc_r": 0.25, "acc_l": 1.0, "h": 0.6, "two_object_locality": None,
+            "attack_success_plain": 1.0, "attack_success_soft": 0.5,
+            "attack_success_discrete": 0.0, "metrics": {"per_class": per_class}}
+    results = {**side, "base": side, "concept": "car", "method": "receler", "model": "m",
+               "detector": "d"}
+    text = write_report(tmp_path, results).read_text()
+    assert "| receler | 50.0% | 25.0% | 100.0% | 60.0% | – | 100.0% | 50.0% | 0.0% |" in text
+    assert "| car (erased) | 50.0% [20.0, 80.0] | 50.0% [20.0, 80.0] |" in text
