@@ -83,3 +83,31 @@ def test_report_tables_show_base_and_erased(tmp_path):
     text = write_report(tmp_path, results).read_text()
     assert "| receler | 50.0% | 25.0% | 100.0% | 60.0% | – | 100.0% | 50.0% | 0.0% |" in text
     assert "| car (erased) | 50.0% [20.0, 80.0] | 50.0% [20.0, 80.0] |" in text
+
+
+def test_evaluate_command_writes_json_and_markdown(pipe, prompt_sets, tmp_path, capsys):
+    from receler.cli import main
+    from receler.eval.prompts import read_prompts
+    from receler.generate import SamplerSettings, generate_prompt_file
+
+    register_detector("colour", ColourDetector)
+    settings = SamplerSettings(steps=2, guidance=3.0)
+    for name, csv in (("s", prompt_sets.simple), ("p", prompt_sets.paraphrase)):
+        generate_prompt_file(pipe, read_prompts(csv), tmp_path / name, settings=settings)
+    args = ["evaluate", "--images", str(tmp_path / "s"), "--prompts", str(prompt_sets.simple),
+            "--paraphrase-images", str(tmp_path / "p"), "--paraphrase-prompts",
+            str(prompt_sets.paraphrase), "--erased", "car", "--detector", "colour",
+            "--out", str(tmp_path / "eval.json")]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "eval.json").read_text())
+    per = res["metrics"]["per_concept"][0]
+    assert per["concept"] == "car" and per["acc_e"]["total"] == 2 and per["acc_r"]["total"] == 2
+    assert per["acc_l"]["total"] == 4  # dog and truck images
+    assert "car" in (tmp_path / "eval.md").read_text()
+    assert main(args) == 2  # results are not overwritten without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    half = ["evaluate", "--images", str(tmp_path / "s"), "--prompts", str(prompt_sets.simple),
+            "--paraphrase-images", str(tmp_path / "p"), "--erased", "car", "--detector",
+            "colour", "--out", str(tmp_path / "e2.json")]
+    assert main(half) == 2  # paraphrase images without their prompt file
+    assert "go together" in capsys.readouterr().err
