@@ -109,10 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--concept-rows", type=int, default=30,
                    help="paraphrase (or style) prompts of the concept")
     r.add_argument("--attack-images", type=int, default=10, help="images per attacked prompt")
-    r.add_argument("--iterations", type=int, default=None, help="erase iterations (default 500)")
-    r.add_argument("--adv-steps", type=int, default=None, help="inner attack steps in training")
     r.add_argument("--detector", default="toy", help="detector (default: the toy detector)")
+    r.add_argument("--base-dir", type=Path, default=None,
+                   help="folder of base-model images to share between runs (default: in --out)")
+    r.add_argument("--attack-steps", type=int, default=100, help="soft-prompt attack steps")
+    _add_train_flags(r)
     return parser
+
+
+def _train_config(args, concepts: str):
+    from .config import TrainConfig
+
+    return TrainConfig(concepts=concepts, **{f.name: getattr(args, f.name)
+                                              for f in fields(TrainConfig) if f.name != "concepts"})
 
 
 def _resume_command(argv: list[str]) -> str:
@@ -121,12 +130,9 @@ def _resume_command(argv: list[str]) -> str:
 
 
 def cmd_erase(args, argv: list[str]) -> int:
-    from .config import TrainConfig
     from .serialization import check_out_dir
 
-    train_kwargs = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                    if f.name != "concepts"}
-    config = TrainConfig(concepts=args.concept, **train_kwargs)  # validates first
+    config = _train_config(args, args.concept)  # validates first
     check_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
 
     from .pipeline import default_model, load_pipeline  # heavy imports after the checks
@@ -332,15 +338,14 @@ def cmd_attack(args) -> int:
 
 
 def cmd_protocol(args) -> int:
-    from .config import TrainConfig
+    from .attack import AttackConfig
     from .protocol import Protocol, ProtocolConfig
 
-    train = {"iterations": args.iterations, "adv_steps": args.adv_steps}
-    train = TrainConfig(concepts=args.concept, **{k: v for k, v in train.items() if v is not None})
     cfg = ProtocolConfig(concept=args.concept, out=args.out, model=args.model, method=args.method,
                          detector=args.detector, per_class=args.per_class,
                          concept_rows=args.concept_rows, attack_images=args.attack_images,
-                         device=args.device, train=train)
+                         device=args.device, train=_train_config(args, args.concept),
+                         attack=AttackConfig(steps=args.attack_steps), base_dir=args.base_dir)
     results = Protocol(cfg).run()
     print(f"{args.concept} ({args.method}): Acc_E {results['acc_e']:.3f}  Acc_R "
           f"{results['acc_r'] if results['acc_r'] is None else round(results['acc_r'], 3)}  "

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from .eval.metrics import (
 from .eval.prompts import PromptRow, read_prompts
 from .generate import SamplerSettings, generate, generate_prompt_file
 from .pipeline import default_model, load_pipeline
+from .serialization import CHECKPOINT_FILE, CONFIG_FILE
 from .viz import image_grid
 
 logger = logging.getLogger(__name__)
@@ -75,6 +78,7 @@ class ProtocolConfig:
     train: TrainConfig | None = None  # default: TrainConfig(concepts=concept)
     attack: AttackConfig = field(default_factory=AttackConfig)
     prompts: PromptSets | None = None  # default: the toy world's sets
+    base_dir: Path | None = None  # base-model images and attack, shareable between runs
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -129,13 +133,18 @@ class Protocol:
         return out
 
     # ------------------------------------------------------------------ stages
+    def folder(self, which: str) -> Path:
+        if which == "base" and self.cfg.base_dir is not None:
+            return Path(self.cfg.base_dir)
+        return self.cfg.out / "images" / which
+
     def generate_sets(self, pipe, which: str) -> None:
         for name, rows in self.rows.items():
-            generate_prompt_file(pipe, rows, self.cfg.out / "images" / which / name,
+            generate_prompt_file(pipe, rows, self.folder(which) / name,
                                  settings=self.settings, show_progress=self.show_progress)
 
     def evaluate(self, which: str) -> dict:
-        c, folder = self.cfg.concept, self.cfg.out / "images" / which
+        c, folder = self.cfg.concept, self.folder(which)
         recs = {n: evaluate_folder(folder / n, rows, self.detector) for n, rows in self.rows.items()}
         simple = recs["simple"] + recs.get("style", [])
         metrics = multi_concept_metrics(simple, [c], paraphrase=recs.get("paraphrase"))
@@ -156,26 +165,51 @@ class Protocol:
         return next(r.prompt for r in self.rows["simple"] if r.class_name == self.cfg.concept)
 
     def attack(self, pipe, which: str, latents) -> dict:
-        return measure_attacks(pipe, self.cfg.concept, self.cfg.attack_prompt or self.concept_prompt(),
-                               latents, self.detector, self.settings, self.cfg.attack,
-                               n_images=self.cfg.attack_images,
-                               grid_path=self.cfg.out / "attack" / f"{which}.png",
-                               show_progress=self.show_progress)
+        """Attack results; the base model's are cached beside its images and reused."""
+        prompt = self.cfg.attack_prompt or self.concept_prompt()
+        key = {"prompt": prompt, "attack": asdict(self.cfg.attack), "n": self.cfg.attack_images,
+               "detector": self.cfg.detector}
+        cache = self.folder("base") / "attack.json"
+        if which == "base" and cache.is_file():
+            cached = json.loads(cache.read_text())
+            if cached["key"] == key:
+                return cached["result"]
+        grid = (self.folder("base") if which == "base" else self.cfg.out / "attack") / f"{which}.png"
+        result = measure_attacks(pipe, self.cfg.concept, prompt, latents, self.detector,
+                                 self.settings, self.cfg.attack, n_images=self.cfg.attack_images,
+                                 grid_path=grid, show_progress=self.show_progress)
+        result["grid"] = str(grid)
+        if which == "base":
+            cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+        return result
+
+    def latency(self, pipe, repeats: int = 3, n: int = 4) -> dict:
+        """Median seconds to generate ``n`` images with the edit on and off, interleaved in the
+        same process so that machine load affects both alike."""
+        from .methods import edit_disabled
+
+        prompts, seeds = [self.concept_prompt()] * n, list(range(n))
+        times: dict[str, list[float]] = {"base": [], "erased": []}
+        for _ in range(repeats):
+            for which in ("base", "erased"):
+                ctx = edit_disabled(pipe) if which == "base" else nullcontext()
+                with ctx:
+                    start = time.perf_counter()
+                    generate(pipe, prompts, seeds, settings=self.settings, batch_size=n)
+                    times[which].append(time.perf_counter() - start)
+        base, erased = statistics.median(times["base"]), statistics.median(times["erased"])
+        return {"latency_base_s": base, "latency_s": erased, "overhead_ratio": erased / base - 1}
 
     def erase(self, pipe) -> None:
-        from .serialization import CHECKPOINT_FILE, ERASERS_FILE, load_erasers
-        from .train import erase
+        from .methods import erase_with, load_edit
 
         out = self.cfg.out / "erasers"
-        if self.cfg.method != "receler":
-            from .methods import erase_with
-
-            erase_with(self.cfg.method, pipe, self.cfg.train, out, base_model=self.model)
-        elif (out / ERASERS_FILE).is_file():
-            load_erasers(pipe, out)  # finished in an earlier run of the protocol
+        if (out / CONFIG_FILE).is_file():
+            load_edit(pipe, out)  # finished in an earlier run of the protocol
         else:
-            erase(pipe, self.cfg.train, out, base_model=self.model,
-                  resume=(out / CHECKPOINT_FILE).is_file(), show_progress=self.show_progress)
+            erase_with(self.cfg.method, pipe, self.cfg.train, out, base_model=self.model,
+                       resume=(out / CHECKPOINT_FILE).is_file(),
+                       show_progress=self.show_progress)
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -191,10 +225,14 @@ class Protocol:
         self.timed("erase", self.erase, pipe)
         self.timed("generate", self.generate_sets, pipe, "erased")
         erased_attack = self.timed("attack", self.attack, pipe, "erased", latents)
+        latency = self.timed("latency", self.latency, pipe)
         base = self.timed("evaluate", self.evaluate, "base")
         erased = self.timed("evaluate", self.evaluate, "erased")
         results = summarise(erased, erased_attack)
         results["base"] = summarise(base, base_attack)
+        saved = json.loads((self.cfg.out / "erasers" / CONFIG_FILE).read_text())
+        results["train"] = saved.get("stats")
+        results.update(latency, base_images=str(self.folder("base")))
         results.update(concept=cfg.concept, method=cfg.method, model=self.model,
                        detector=cfg.detector, seconds=dict(self.seconds),
                        rows={k: len(v) for k, v in self.rows.items()},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from PIL import Image
@@ -59,7 +60,9 @@ def compare_grid(out: Path, results: dict, rows: dict, n_per_set: int = 6) -> Pa
                 [f for f, c in zip(files, of, strict=True) if c != concept][::10][:4]
         for f in files[:n_per_set]:
             for which in images:
-                images[which].append(Image.open(out / "images" / which / set_name / f.name))
+                root = Path(results.get("base_images", out / "images" / "base")) \
+                    if which == "base" else out / "images" / "erased"
+                images[which].append(Image.open(root / set_name / f.name))
             labels.append(set_name)
     if not labels:
         return None
@@ -108,12 +111,13 @@ def write_report(out: Path, results: dict, rows: dict | None = None) -> Path:
     if strip:
         parts += ["## Concept masks used by the regulariser", f"![masks]({strip.name})"]
     for which in ("base", "erased"):
-        pic = out / "attack" / f"{which}.png"
-        if pic.is_file():
-            a = results["attack"] if which == "erased" else results["base"]["attack"]
+        a = (results if which == "erased" else results["base"]).get("attack")
+        pic = Path(a.get("grid", out / "attack" / f"{which}.png")) if a else None
+        if pic is not None and pic.is_file():
+            rel = os.path.relpath(pic, out / "report")
             parts += [f"## Attacks on the {which} model",
                       f"Rows: the concept prompt `{a['prompt']}`, the soft-prompt attack, the "
-                      f"token attack `{a['discrete_prompt']}`.", f"![attack](../attack/{which}.png)"]
+                      f"token attack `{a['discrete_prompt']}`.", f"![attack]({rel})"]
     path = out / "report" / "report.md"
     path.write_text("\n\n".join(parts) + "\n")
     return path
