@@ -1,0 +1,178 @@
+"""SLD, Safe Latent Diffusion (Schramowski et al., 2023): safety guidance at inference.
+
+Nothing is trained. Two forward hooks on ``pipe.unet`` make the ordinary ``pipe(...)``
+call produce SLD's images:
+
+* the pre-hook sees the pipeline's classifier-free-guidance batch ``[uncond; cond]``
+  (an even batch whose two halves have the same latents, while the pipeline does CFG)
+  and appends a third part, the same latents under the safety concept's embedding, so
+  one UNet call gives ``ε_u``, ``ε_c`` and ``ε_S``;
+* the post-hook computes SLD's safety term and returns ``[ε_u; ε_c − γ]``.
+
+The pipeline then computes ``ε_u + w·((ε_c − γ) − ε_u) = ε_u + w·(ε_c − ε_u − γ)``,
+which is SLD's equation 3 for any guidance scale ``w``, so ``w`` need not be known:
+
+    scale = clamp(|ε_c − ε_S| · s_S, max=1), set to 0 where ε_c − ε_S ≥ λ   (eq. 6)
+    γ     = scale · (ε_S − ε_u) + s_m · ν                                   (eqs. 4, 7)
+    ν     ← β_m · ν + (1 − β_m) · γ                                         (eq. 8)
+
+γ is applied from denoising step ``warmup`` on; the momentum ν is updated from step 0,
+as in diffusers' ``StableDiffusionPipelineSafe``. Defaults are SLD-Medium. A new
+generation is recognised by its timestep not decreasing (or a new batch size), which
+resets the step count and ν; this holds for DDIM (what :func:`receler.sampling.generate`
+uses) and other schedulers with strictly decreasing timesteps, not for Heun-style
+solvers that query one timestep twice. :func:`remove_sld` takes the hooks off; the UNet is then
+exactly as before.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from ..pipeline import Conditioning, encode
+
+_SLD_ATTR = "_receler_sld"
+
+
+@dataclass
+class SldOptions:
+    """SLD's hyperparameters (defaults: the paper's SLD-Medium)."""
+
+    guidance: float = field(default=1000.0, metadata={"help": "safety guidance scale s_S"})
+    warmup: int = field(default=10, metadata={"help": "denoising steps before safety guidance"})
+    threshold: float = field(default=0.01, metadata={"help": "threshold λ of eq. 6"})
+    momentum: float = field(default=0.3, metadata={"help": "momentum scale s_m"})
+    beta: float = field(default=0.4, metadata={"help": "momentum decay β_m"})
+    safety_concept: str | None = field(default=None, metadata={
+        "help": "safety prompt (default: the erased concepts joined by ', ')"})
+
+    def __post_init__(self):
+        if self.warmup < 0 or self.guidance < 0 or not 0 <= self.beta <= 1:
+            raise ValueError(f"bad SLD settings: guidance={self.guidance} (>= 0), warmup="
+                             f"{self.warmup} (>= 0), beta={self.beta} (in [0, 1])")
+
+
+class SafetyGuidance:
+    """The hooks' state: safety embedding, settings, step count and momentum."""
+
+    def __init__(self, pipe, safety: Conditioning, options: SldOptions):
+        self.safety, self.options = safety, options
+        self._pipe = weakref.ref(pipe)
+        self.enabled = True
+        self.warned = False
+        self.handles: list = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.step, self.momentum, self.last_t, self._half = 0, None, None, None
+
+    def _is_cfg_batch(self, sample: torch.Tensor) -> bool:
+        pipe = self._pipe()
+        if pipe is not None and not getattr(pipe, "do_classifier_free_guidance", True):
+            if not self.warned:
+                warnings.warn("SLD acts through classifier-free guidance: with guidance <= 1 "
+                              "the images are not safety-guided", stacklevel=2)
+                self.warned = True
+            return False
+        b = sample.shape[0]
+        return b % 2 == 0 and torch.equal(sample[:b // 2], sample[b // 2:])
+
+    def pre_hook(self, module, args, kwargs):
+        self._half = None
+        sample = args[0] if args else kwargs["sample"]
+        if not self.enabled or not self._is_cfg_batch(sample):
+            return None
+        h = sample.shape[0] // 2
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        t_val = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        if self.last_t is None or t_val >= self.last_t or self.momentum is None \
+                or self.momentum.shape[0] != h:
+            self.reset()  # a new generation
+        self.last_t = t_val
+        args, kwargs = list(args), dict(kwargs)
+
+        def extend(x, extra=None):  # [x_u; x_c] -> [x_u; x_c; extra or x_u]
+            if not torch.is_tensor(x) or x.ndim == 0 or x.shape[0] != 2 * h:
+                return x
+            return torch.cat([x, x[:h] if extra is None else extra.to(x.device, x.dtype)])
+
+        hidden = self.safety.hidden.expand(h, -1, -1)
+        if args:
+            args[0] = extend(sample)
+        else:
+            kwargs["sample"] = extend(sample)
+        if len(args) > 1:
+            args[1] = extend(args[1])
+        if len(args) > 2:
+            args[2] = extend(args[2], hidden)
+        else:
+            kwargs["encoder_hidden_states"] = extend(kwargs["encoder_hidden_states"], hidden)
+        for key, value in list(kwargs.items()):
+            if key in ("sample", "encoder_hidden_states"):
+                continue
+            if key == "added_cond_kwargs" and value is not None:  # SDXL: pooled safety text
+                added = self.safety.added or {}
+                kwargs[key] = {k: extend(v, added[k].expand(h, *added[k].shape[1:])
+                                         if k == "text_embeds" and k in added else None)
+                               for k, v in value.items()}
+            else:
+                kwargs[key] = extend(value)
+        self._half = h
+        return tuple(args), kwargs
+
+    @torch.no_grad()
+    def post_hook(self, module, args, kwargs, output):
+        h, self._half = self._half, None
+        if h is None:
+            return None
+        eps = output[0] if isinstance(output, tuple) else output.sample
+        e_u, e_c, e_s = eps[:h].float(), eps[h:2 * h].float(), eps[2 * h:].float()
+        o = self.options
+        if self.momentum is None:
+            self.momentum = torch.zeros_like(e_c)
+        diff = e_c - e_s
+        scale = torch.clamp(diff.abs() * o.guidance, max=1.0)
+        scale = torch.where(diff >= o.threshold, torch.zeros_like(scale), scale)  # eq. 6
+        gamma = (e_s - e_u) * scale + o.momentum * self.momentum  # eqs. 4, 7
+        self.momentum = o.beta * self.momentum + (1 - o.beta) * gamma  # eq. 8
+        if self.step >= o.warmup:
+            e_c = e_c - gamma
+        self.step += 1
+        new = torch.cat([eps[:h], e_c.to(eps.dtype)])
+        if isinstance(output, tuple):
+            return (new, *output[1:])
+        return type(output)(sample=new)
+
+
+def get_sld(unet) -> SafetyGuidance | None:
+    return getattr(unet, _SLD_ATTR, None)
+
+
+def attach_sld(pipe, concepts: list[str], options: SldOptions) -> SafetyGuidance:
+    """Hook SLD onto ``pipe.unet`` with ``concepts`` as the safety concept."""
+    if get_sld(pipe.unet) is not None:
+        raise ValueError("SLD is already attached to this UNet: remove_edit(pipe) first")
+    text = options.safety_concept or ", ".join(concepts)
+    guidance = SafetyGuidance(pipe, encode(pipe, [text]), options)
+    unet = pipe.unet
+    guidance.handles = [
+        unet.register_forward_pre_hook(guidance.pre_hook, with_kwargs=True),
+        unet.register_forward_hook(guidance.post_hook, with_kwargs=True),
+    ]
+    setattr(unet, _SLD_ATTR, guidance)
+    return guidance
+
+
+def remove_sld(unet) -> bool:
+    """Take SLD's hooks off ``unet``; ``False`` if none were attached."""
+    guidance = get_sld(unet)
+    if guidance is None:
+        return False
+    for handle in guidance.handles:
+        handle.remove()
+    delattr(unet, _SLD_ATTR)
+    return True

@@ -1,0 +1,114 @@
+"""UCE, Unified Concept Editing (Gandikota et al., 2024): a closed-form edit of the
+cross-attention key and value projections, no training loop.
+
+For every ``attn2.to_k`` and ``attn2.to_v`` weight ``W`` (out × d), with text-encoder
+output rows ``c`` (d):
+
+    W* = (λ W + s_e Σ_i v*_i c_iᵀ + s_p Σ_j W c_j c_jᵀ) (λ I + s_e Σ_i c_i c_iᵀ + s_p Σ_j c_j c_jᵀ)⁻¹
+
+the minimiser of ``s_e Σ‖W' c_i − v*_i‖² + s_p Σ‖W' c_j − W c_j‖² + λ‖W' − W‖²``:
+
+* erased rows ``c_i``: the concept prompt's embedding from its last token to the end
+  (the last word and every end/padding position after it, which in CLIP's causal
+  encoder all carry the concept), aligned with the anchor prompt's rows from *its* last
+  token, ``v*_i = W c_anchor``: the concept now reads as the anchor (default ``""``);
+* preserved rows ``c_j``: every position of each preserved prompt, kept at ``W c_j``.
+
+This follows UCE's reference ``edit_model`` (``train_erase.py``, technique ``replace``),
+including its defaults λ = 0.1, s_e = 1, s_p = 0.1. A bias, if a projection has one,
+cancels from both sides and is left alone. The solve runs in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..erasers import find_cross_attention
+from ..pipeline import encode
+
+
+@dataclass
+class UceOptions:
+    """Settings of ``uce`` beyond :class:`~receler.config.TrainConfig`'s ``concepts``."""
+
+    anchor: str | list[str] = field(default="", metadata={
+        "help": "concept the erased ones are mapped to (\"\" = empty prompt); one for all, "
+                "or a list with one per concept"})
+    preserve: list[str] = field(default_factory=list, metadata={
+        "help": "concepts whose cross-attention outputs are kept (optional)"})
+    lamb: float = field(default=0.1, metadata={
+        "help": "λ: weight of ‖W* − W‖² (keeps the edit close to the original)"})
+    erase_scale: float = field(default=1.0, metadata={"help": "s_e: weight of the erased rows"})
+    preserve_scale: float = field(default=0.1, metadata={
+        "help": "s_p: weight of the preserved rows"})
+
+    def __post_init__(self):
+        if isinstance(self.preserve, str):
+            self.preserve = [p.strip() for p in self.preserve.split(",") if p.strip()]
+        for name in ("lamb", "erase_scale", "preserve_scale"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"UCE {name} must be >= 0, got {getattr(self, name)}")
+        if self.lamb == 0 and self.erase_scale == 0:
+            raise ValueError("UCE needs lamb > 0 or erase_scale > 0 for a solvable edit")
+
+    def anchors(self, concepts: list[str]) -> list[str]:
+        if isinstance(self.anchor, str):
+            return [self.anchor] * len(concepts)
+        if len(self.anchor) != len(concepts):
+            raise ValueError(f"{len(self.anchor)} UCE anchors for {len(concepts)} concepts: give "
+                             "one anchor for all, or one per concept")
+        return list(self.anchor)
+
+
+def uce_parameter_names(unet: torch.nn.Module) -> list[str]:
+    """``{attn2}.to_k.weight`` and ``{attn2}.to_v.weight`` of every cross-attention layer."""
+    return [f"{name}.{proj}.weight" for name in find_cross_attention(unet)
+            for proj in ("to_k", "to_v")]
+
+
+def count_uce_parameters(unet: torch.nn.Module) -> int:
+    params = dict(unet.named_parameters())
+    return sum(params[n].numel() for n in uce_parameter_names(unet))
+
+
+def _last_token(tokenizer, text: str, length: int) -> int:
+    """Position of the prompt's last word token (0, the start token, for ``""``)."""
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return min(n, length - 2)
+
+
+@torch.no_grad()
+def uce_rows(pipe, concept: str, anchor: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned ``(c_i, c_anchor)`` rows, each ``(R, d)``, of a concept and its anchor."""
+    hc, ha = encode(pipe, [concept, anchor]).hidden.float()  # (T, d) each
+    length = hc.shape[0]
+    i, j = _last_token(pipe.tokenizer, concept, length), _last_token(pipe.tokenizer, anchor, length)
+    rows = length - max(i, j)
+    return hc[i:i + rows], ha[j:j + rows]
+
+
+@torch.no_grad()
+def uce_weights(pipe, concepts: list[str], options: UceOptions) -> dict[str, torch.Tensor]:
+    """The edited ``to_k``/``to_v`` weights, keyed by UNet parameter name (UNet untouched)."""
+    erase = [uce_rows(pipe, c, a) for c, a in zip(concepts, options.anchors(concepts),
+                                                  strict=True)]
+    c_erase = torch.cat([c for c, _ in erase]).double()  # (R, d)
+    c_anchor = torch.cat([a for _, a in erase]).double()  # (R, d)
+    c_keep = (encode(pipe, options.preserve).hidden.flatten(0, 1).double() if options.preserve
+              else c_erase.new_zeros((0, c_erase.shape[1])))  # (P·T, d)
+    params = dict(pipe.unet.named_parameters())
+    s_e, s_p, lamb = options.erase_scale, options.preserve_scale, options.lamb
+    eye = torch.eye(c_erase.shape[1], dtype=torch.float64, device=c_erase.device)
+    rhs = lamb * eye + s_e * c_erase.T @ c_erase + s_p * c_keep.T @ c_keep  # (d, d), symmetric
+    edited = {}
+    for name in uce_parameter_names(pipe.unet):
+        w = params[name].detach().double()  # (out, d)
+        if w.shape[1] != c_erase.shape[1]:
+            raise ValueError(f"{name} takes {w.shape[1]}-dim text embeddings, the text encoder "
+                             f"gives {c_erase.shape[1]}: UCE needs them to match")
+        v_star = c_anchor @ w.T  # (R, out): what the anchor reads as
+        lhs = lamb * w + s_e * v_star.T @ c_erase + s_p * (c_keep @ w.T).T @ c_keep  # (out, d)
+        edited[name] = torch.linalg.solve(rhs, lhs.T).T.to(params[name].dtype)  # lhs · rhs⁻¹
+    return edited
