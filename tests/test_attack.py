@@ -12,8 +12,8 @@ from receler.attack import (
     soft_prompt_attack,
     target_latents,
 )
-from receler.generate import SamplerSettings, generate
 from receler.pipeline import encode
+from receler.sampling import SamplerSettings, generate
 
 
 @pytest.fixture

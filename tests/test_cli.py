@@ -38,7 +38,7 @@ def erased(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "erasers"
     proc = receler("erase", "--model", tiny_model_dir, "--concept", "car", "--out", out,
                    "--iterations", "2", *FAST)
-    assert "erased ['car'] in 2 iterations" in proc.stdout
+    assert "erased ['car'] with receler" in proc.stdout
     return out
 
 
@@ -56,6 +56,25 @@ def test_generate_compare_writes_a_grid(tiny_model_dir, erased, tmp_path):
     grid = Image.open(tmp_path / "compare.png")
     assert grid.size[0] > grid.size[1]  # 4 columns, 2 rows
     assert len(list(tmp_path.glob("base_*.png"))) == 4 and (tmp_path / "001_01.png").is_file()
+
+
+def test_other_methods_take_their_published_defaults_unless_flags_say_otherwise(
+        tiny_model_dir, tmp_path):
+    import json
+
+    out = tmp_path / "esd"
+    receler("erase", "--model", tiny_model_dir, "--concept", "car", "--out", out,
+            "--method", "esd-x", "--iterations", "2", "--ddim-steps", "4")
+    cfg = json.loads((out / "eraser_config.json").read_text())
+    assert cfg["method"] == "esd-x" and cfg["train"]["iterations"] == 2
+    assert cfg["train"]["lr"] == 1e-5  # ESD's own learning rate, not Receler's 3e-4
+    imgs = tmp_path / "imgs"
+    receler("generate", "--model", tiny_model_dir, "--erasers", out, "--prompt", "car",
+            "--num-images", "1", "--out", imgs)
+    assert (imgs / "000_00.png").is_file()
+    proc = receler("erase", "--model", tiny_model_dir, "--concept", "car", "--out", tmp_path / "u",
+                   "--method", "uce", "--method-option", "nonsense=1", check_code=2)
+    assert "no option 'nonsense'" in error_line(proc)
 
 
 def test_existing_erasers_are_refused_without_overwrite(tiny_model_dir, erased):
@@ -89,6 +108,7 @@ def test_a_corrupted_eraser_file_is_refused(tiny_model_dir, erased, tmp_path):
     bad.mkdir()
     data = (erased / ERASERS_FILE).read_bytes()
     (bad / ERASERS_FILE).write_bytes(data[: len(data) // 3])
+    (bad / "eraser_config.json").write_text((erased / "eraser_config.json").read_text())
     proc = receler("generate", "--model", tiny_model_dir, "--erasers", bad, "--prompt", "car",
                    "--out", tmp_path / "imgs", check_code=2)
     assert "truncated or corrupted" in error_line(proc)

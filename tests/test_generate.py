@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from receler.eval.prompts import read_prompts, reference_prompts
-from receler.generate import SamplerSettings, generate_prompt_file, shard
+from receler.sampling import SamplerSettings, generate_prompt_file, shard
 
 CSV = """case_number,prompt,evaluation_seed,class,evaluation_guidance
 0,a photo of car,11,car,

@@ -88,7 +88,7 @@ def test_report_tables_show_base_and_erased(tmp_path):
 def test_evaluate_command_writes_json_and_markdown(pipe, prompt_sets, tmp_path, capsys):
     from receler.cli import main
     from receler.eval.prompts import read_prompts
-    from receler.generate import SamplerSettings, generate_prompt_file
+    from receler.sampling import SamplerSettings, generate_prompt_file
 
     register_detector("colour", ColourDetector)
     settings = SamplerSettings(steps=2, guidance=3.0)

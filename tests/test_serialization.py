@@ -8,7 +8,7 @@ from conftest import tiny_unet
 from diffusers import UNet2DConditionModel
 
 from receler import EraserConfig, attach_erasers, get_erasers, load_erasers, save_erasers
-from receler.generate import SamplerSettings, generate
+from receler.sampling import SamplerSettings, generate
 from receler.serialization import CONFIG_FILE, ERASERS_FILE
 
 

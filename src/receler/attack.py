@@ -153,7 +153,7 @@ def discrete_token_attack(pipe, prompt: str, latents: torch.Tensor, config: Atta
 def generate_from_embedding(pipe, hidden: torch.Tensor, seeds: list[int], settings
                             ) -> list:
     """Images for a prompt *embedding* (the soft attack's output), one per seed."""
-    from .generate import image_size, seeded_latents
+    from .sampling import image_size, seeded_latents
 
     h, w = image_size(pipe, settings)
     latents = seeded_latents(pipe, seeds, h, w)

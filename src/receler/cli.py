@@ -8,6 +8,7 @@ stderr and a non-zero exit; nothing already written is lost.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -31,7 +32,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             continue
         kind = hints[f.name]
         conv = {int: int, float: float}.get(kind, int if "int" in str(kind) else float)
-        p.add_argument("--" + f.name.replace("_", "-"), type=conv, default=f.default,
+        p.add_argument("--" + f.name.replace("_", "-"), type=conv, default=None,
                        help=f"{f.metadata['help']} (default: {f.default})")
 
 
@@ -51,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for the erasers")
     _add_model_flags(p)
     _add_train_flags(p)
+    p.add_argument("--method", default="receler",
+                   help="receler (default), receler-eraser-only, receler-eraser-reg, "
+                        "receler-eraser-adv, esd-x, esd-u, uce or sld")
+    p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
+                   help="a UCE/SLD setting, e.g. anchor=\"a photo\" or guidance=1000 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace erasers already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -62,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "evaluation_seed, ...): images {case_number}_{index}.png, resumable, "
                       "split across `accelerate launch` processes")
     g.add_argument("--out", required=True, type=Path, help="folder for the images")
-    g.add_argument("--erasers", type=Path, default=None, help="folder written by `receler erase`")
+    g.add_argument("--erasers", type=Path, default=None,
+                   help="folder written by `receler erase` (any --method)")
     _add_model_flags(g)
     g.add_argument("--num-images", type=int, default=None,
                    help="images per prompt (default: 4 with --prompt, 1 with --prompts)")
@@ -117,11 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_config(args, concepts: str):
+def _train_config(args, concepts: str, method: str = "receler"):
+    """TrainConfig from the flags given; flags left out take the method's published
+    defaults where it has them (ESD: lr 1e-5, 1000 iterations), else TrainConfig's."""
     from .config import TrainConfig
+    from .methods import get_method
 
-    return TrainConfig(concepts=concepts, **{f.name: getattr(args, f.name)
-                                              for f in fields(TrainConfig) if f.name != "concepts"})
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+             if f.name != "concepts" and getattr(args, f.name) is not None}
+    return TrainConfig(concepts=concepts, **{**get_method(method).paper_defaults, **given})
+
+
+def _method_options(pairs: list[str] | None) -> dict | None:
+    if not pairs:
+        return None
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--method-option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value  # a plain string
+    return options
 
 
 def _resume_command(argv: list[str]) -> str:
@@ -130,20 +156,22 @@ def _resume_command(argv: list[str]) -> str:
 
 
 def cmd_erase(args, argv: list[str]) -> int:
+    from .methods import erase_with, method_options
     from .serialization import check_out_dir
 
-    config = _train_config(args, args.concept)  # validates first
+    config = _train_config(args, args.concept, args.method)  # validates first
+    options = method_options(args.method, _method_options(args.method_option))
     check_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
 
     from .pipeline import default_model, load_pipeline  # heavy imports after the checks
-    from .train import Trainer, TrainingDiverged, TrainingInterrupted
+    from .train import TrainingDiverged, TrainingInterrupted
+
     model = args.model or default_model()
     pipe = load_pipeline(model, device=args.device)
-    if args.overwrite and not args.resume:
-        (args.out / "checkpoint.safetensors").unlink(missing_ok=True)
-    trainer = Trainer(pipe, config, args.out, base_model=model, show_progress=not args.quiet)
     try:
-        trainer.train(resume=args.resume)
+        result = erase_with(args.method, pipe, config, args.out, base_model=model,
+                            overwrite=args.overwrite, resume=args.resume, options=options,
+                            show_progress=not args.quiet)
     except TrainingInterrupted as e:
         print(f"receler: interrupted after iteration {e.iteration}; checkpoint saved in {e.out_dir}."
               f"\nresume with: {_resume_command(argv)}", file=sys.stderr)
@@ -151,21 +179,22 @@ def cmd_erase(args, argv: list[str]) -> int:
     except TrainingDiverged as e:
         print(f"receler: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
-    print(f"erased {config.concepts} in {trainer.iteration} iterations "
-          f"({trainer.seconds:.0f} s, {trainer.passes.forward} UNet forward passes); "
-          f"erasers in {args.out}")
+    st = result.stats
+    print(f"erased {config.concepts} with {args.method} ({st['seconds']:.0f} s, "
+          f"{st['unet_forward']} UNet forward and {st['unet_backward']} backward passes, "
+          f"{st['trainable_parameters']} trainable parameters); result in {args.out}")
     return 0
 
 
 def _load_for_generation(args, device=None):
-    from .generate import SamplerSettings
+    from .methods import load_edit
     from .pipeline import default_model, load_pipeline
-    from .serialization import load_erasers
+    from .sampling import SamplerSettings
 
     model = args.model or default_model()
     pipe = load_pipeline(model, device=device or args.device)
     if args.erasers is not None:
-        load_erasers(pipe, args.erasers)
+        load_edit(pipe, args.erasers)
     settings = SamplerSettings.for_model(model)
     settings.steps = args.steps or settings.steps
     settings.guidance = args.guidance if args.guidance is not None else settings.guidance
@@ -176,7 +205,7 @@ def cmd_generate_file(args) -> int:
     from accelerate import PartialState
 
     from .eval.prompts import read_prompts
-    from .generate import generate_prompt_file
+    from .sampling import generate_prompt_file
 
     rows = read_prompts(args.prompts)
     if args.num_images is not None and args.num_images <= 0:
@@ -197,7 +226,7 @@ def cmd_generate_file(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generate import compare, generate, image_size
+    from .sampling import compare, generate, image_size
 
     if args.prompts is not None:
         return cmd_generate_file(args)
@@ -243,8 +272,6 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    import json
-
     from .config import parse_concepts
     from .eval import (
         evaluate_folder,
@@ -298,15 +325,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_attack(args) -> int:
-    import json
-
     from .attack import AttackConfig, target_latents
-    from .erasers import erasers_disabled
     from .eval import get_detector
-    from .generate import SamplerSettings
+    from .methods import edit_disabled, load_edit
     from .pipeline import default_model, load_pipeline
     from .protocol import measure_attacks
-    from .serialization import load_erasers
+    from .sampling import SamplerSettings
 
     config = AttackConfig(steps=args.attack_steps, tokens=args.attack_tokens)
     if args.num_images <= 0:
@@ -314,11 +338,11 @@ def cmd_attack(args) -> int:
     _refuse_existing(args.out / "attack.json", args.overwrite)
     model = args.model or default_model()
     pipe = load_pipeline(model, device=args.device)
-    load_erasers(pipe, args.erasers)
+    load_edit(pipe, args.erasers)
     settings = SamplerSettings.for_model(model)
     detector = get_detector(args.detector)
     prompt = args.prompt or f"a photo of a {args.concept}"
-    base = lambda: erasers_disabled(pipe.unet)  # noqa: E731
+    base = lambda: edit_disabled(pipe)  # noqa: E731
     latents = target_latents(pipe, f"a photo of a {args.concept}", config.target_images,
                              steps=settings.steps, guidance=settings.guidance, base=base)
     results = {}
@@ -344,7 +368,7 @@ def cmd_protocol(args) -> int:
     cfg = ProtocolConfig(concept=args.concept, out=args.out, model=args.model, method=args.method,
                          detector=args.detector, per_class=args.per_class,
                          concept_rows=args.concept_rows, attack_images=args.attack_images,
-                         device=args.device, train=_train_config(args, args.concept),
+                         device=args.device, train=_train_config(args, args.concept, args.method),
                          attack=AttackConfig(steps=args.attack_steps), base_dir=args.base_dir)
     results = Protocol(cfg).run()
     print(f"{args.concept} ({args.method}): Acc_E {results['acc_e']:.3f}  Acc_R "

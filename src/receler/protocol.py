@@ -35,8 +35,8 @@ from .eval.metrics import (
     two_object_locality,
 )
 from .eval.prompts import PromptRow, read_prompts
-from .generate import SamplerSettings, generate, generate_prompt_file
 from .pipeline import default_model, load_pipeline
+from .sampling import SamplerSettings, generate, generate_prompt_file
 from .serialization import CHECKPOINT_FILE, CONFIG_FILE
 from .viz import image_grid
 
