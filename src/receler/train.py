@@ -101,7 +101,101 @@ class IterationResult:
     attention: torch.Tensor | None = None
 
 
-class Trainer:
+class TrainingLoop:
+    """The loop every trained method shares: progress bar, log, callbacks, periodic and
+    Ctrl-C checkpoints, resume. Subclasses set ``desc`` and provide ``step``,
+    ``checkpoint``, ``restore`` and ``finish`` (and may override ``begin``/``end``)."""
+
+    desc = "training"
+
+    def _init_loop(self, config: TrainConfig, out_dir: Path, callbacks, show_progress: bool):
+        self.config, self.out_dir = config, Path(out_dir)
+        self.callbacks, self.show_progress = list(callbacks or []), show_progress
+        self.passes = PassCounter()
+        self.iteration, self.seconds = 0, 0.0
+        self._stop_requested = False
+
+    def step(self) -> IterationResult:
+        raise NotImplementedError
+
+    def checkpoint(self) -> Path:
+        raise NotImplementedError
+
+    def restore(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def finish(self):
+        """Write the final result; its return value is what ``train`` returns."""
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        """Before the first iteration of this call of ``train``."""
+
+    def end(self) -> None:
+        """After the loop, also when it stops with an exception."""
+
+    def postfix(self, r: IterationResult) -> dict[str, str]:
+        return {"erase": f"{r.loss_erase:.4f}"}
+
+    def _on_sigint(self, signum, frame):
+        if self._stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        logger.warning("Ctrl-C: finishing this iteration, then writing a checkpoint "
+                       "(Ctrl-C again to abort without one)")
+
+    def request_stop(self) -> None:
+        """Stop after the current iteration with a checkpoint (what Ctrl-C does)."""
+        self._stop_requested = True
+
+    def train(self, *, resume: bool = False):
+        """Run to ``config.iterations``, then :meth:`finish`.
+
+        Raises:
+            TrainingInterrupted: after Ctrl-C or :meth:`request_stop`, once checkpointed.
+            TrainingDiverged: on a non-finite loss, keeping the last good checkpoint.
+        """
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.out_dir / LOG_FILE
+        if resume:
+            self.restore(self.out_dir / CHECKPOINT_FILE)
+            _truncate_log(log_path, self.iteration)
+        else:
+            log_path.unlink(missing_ok=True)
+        cfg = self.config
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if in_main else None
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=self.desc,
+                   disable=not self.show_progress, dynamic_ncols=True)
+        self.begin()
+        try:
+            with log_path.open("a") as log:
+                while self.iteration < cfg.iterations:
+                    start = time.perf_counter()
+                    result = self.step()
+                    self.seconds += time.perf_counter() - start
+                    log.write(json.dumps(_log_row(result, self.passes)) + "\n")
+                    log.flush()
+                    bar.update(1)
+                    bar.set_postfix(self.postfix(result))
+                    for cb in self.callbacks:
+                        cb(self, result)
+                    if self.iteration % cfg.checkpoint_every == 0:
+                        self.checkpoint()
+                    if self._stop_requested and self.iteration < cfg.iterations:
+                        self.checkpoint()
+                        raise TrainingInterrupted(self.iteration, self.out_dir)
+        finally:
+            self.end()
+            bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        self.checkpoint()
+        loss_curves(log_path, self.out_dir / "loss_curves.png")
+        return self.finish()
+
+
+class Trainer(TrainingLoop):
     """Trains one eraser set on ``pipe.unet`` for the concepts of ``config``.
 
     Args:
@@ -112,21 +206,18 @@ class Trainer:
         callbacks: called as ``cb(trainer, result)`` after every iteration.
     """
 
+    desc = "erasing"
+
     def __init__(self, pipe, config: TrainConfig, out_dir: Path, *, base_model: str = "",
                  callbacks: list[Callable] | None = None, show_progress: bool = True):
-        self.pipe, self.config, self.out_dir = pipe, config, Path(out_dir)
-        self.base_model, self.callbacks = base_model, list(callbacks or [])
+        self._init_loop(config, out_dir, callbacks, show_progress)
+        self.pipe, self.base_model = pipe, base_model
         if config.mask_image_every:
             self.callbacks.append(MaskPictures(self.out_dir, config.mask_image_every))
-        self.show_progress = show_progress
         self.unet = pipe.unet
         self.device = self.unet.device
         self.latent_shape = latent_shape(pipe)
         self.latent_hw = self.latent_shape[1:]
-        self.passes = PassCounter()
-        self.iteration = 0
-        self.seconds = 0.0
-        self._stop_requested = False
 
         if get_erasers(self.unet):
             raise ValueError("the UNet already has erasers: remove_erasers(pipe.unet) first")
@@ -255,61 +346,16 @@ class Trainer:
         self.seconds = meta["seconds"]
 
     # ------------------------------------------------------------------ the loop
-    def _on_sigint(self, signum, frame):
-        if self._stop_requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self._stop_requested = True
-        logger.warning("Ctrl-C: finishing this iteration, then writing a checkpoint "
-                       "(Ctrl-C again to abort without one)")
+    def postfix(self, r: IterationResult) -> dict[str, str]:
+        return {"erase": f"{r.loss_erase:.4f}", "mask": f"{r.loss_mask:.4f}",
+                "attack": f"{r.loss_attack[-1]:.4f}" if r.loss_attack else "-"}
 
-    def request_stop(self) -> None:
-        """Stop after the current iteration with a checkpoint (what Ctrl-C does)."""
-        self._stop_requested = True
-
-    def train(self, *, resume: bool = False) -> EraserConfig:
-        """Run to ``config.iterations``; write the erasers and their config at the end.
-
-        Raises:
-            TrainingInterrupted: after Ctrl-C, once the checkpoint is written.
-            TrainingDiverged: on a non-finite loss, keeping the last good checkpoint.
-        """
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.out_dir / LOG_FILE
-        if resume:
-            self.restore(self.out_dir / CHECKPOINT_FILE)
-            _truncate_log(log_path, self.iteration)
-        else:
-            log_path.unlink(missing_ok=True)
-        cfg = self.config
-        in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if in_main else None
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="erasing",
-                   disable=not self.show_progress, dynamic_ncols=True)
+    def begin(self) -> None:
         self.unet.eval()
-        try:
-            with log_path.open("a") as log:
-                while self.iteration < cfg.iterations:
-                    start = time.perf_counter()
-                    result = self.step()
-                    self.seconds += time.perf_counter() - start
-                    log.write(json.dumps(_log_row(result, self.passes)) + "\n")
-                    log.flush()
-                    bar.update(1)
-                    bar.set_postfix(erase=f"{result.loss_erase:.4f}", mask=f"{result.loss_mask:.4f}",
-                                    attack=f"{result.loss_attack[-1]:.4f}" if result.loss_attack else "-")
-                    for cb in self.callbacks:
-                        cb(self, result)
-                    if self.iteration % cfg.checkpoint_every == 0:
-                        self.checkpoint()
-                    if self._stop_requested and self.iteration < cfg.iterations:
-                        self.checkpoint()
-                        raise TrainingInterrupted(self.iteration, self.out_dir)
-        finally:
-            bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-        self.checkpoint()
-        loss_curves(log_path, self.out_dir / "loss_curves.png")
+
+    def finish(self) -> EraserConfig:
+        """Save the erasers and their config; they stay attached to ``pipe.unet``."""
+        cfg = self.config
         config = EraserConfig(rank=cfg.rank, concepts=list(self.concepts),
                               base_model=self.base_model, train=cfg.to_dict())
         save_erasers(self.unet, self.out_dir, config)

@@ -25,17 +25,12 @@ checkpoint of weights + Adam state + RNG state, same ``train_log.jsonl`` rows).
 
 from __future__ import annotations
 
-import json
 import logging
-import signal
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import TrainConfig
@@ -50,13 +45,10 @@ from ..serialization import (
     save_tensors,
 )
 from ..train import (
-    LOG_FILE,
     IterationResult,
     PassCounter,
     TrainingDiverged,
-    TrainingInterrupted,
-    _log_row,
-    _truncate_log,
+    TrainingLoop,
 )
 from .edits import EditConfig, mark_unet_edit, save_unet_edit
 
@@ -90,7 +82,7 @@ def count_esd_parameters(unet: torch.nn.Module, variant: str) -> int:
     return sum(params[n].numel() for n in esd_parameter_names(unet, variant))
 
 
-class EsdTrainer:
+class EsdTrainer(TrainingLoop):
     """Fine-tunes ``pipe.unet``'s ESD-x or ESD-u weights for ``config.concepts``.
 
     Uses ``config``'s ``iterations``, ``lr``, ``eta``, ``start_guidance``, ``ddim_steps``,
@@ -108,16 +100,13 @@ class EsdTrainer:
     def __init__(self, pipe, config: TrainConfig, out_dir: Path, *, variant: str,
                  base_model: str = "", callbacks: list[Callable] | None = None,
                  show_progress: bool = True):
-        self.pipe, self.config, self.out_dir, self.variant = pipe, config, Path(out_dir), variant
-        self.base_model, self.callbacks = base_model, list(callbacks or [])
-        self.show_progress = show_progress
+        self._init_loop(config, out_dir, callbacks, show_progress)
+        self.pipe, self.variant, self.base_model = pipe, variant, base_model
+        self.desc = variant
         self.unet = pipe.unet
         if get_erasers(self.unet):
             raise ValueError("the UNet has erasers attached: remove_erasers(pipe.unet) first")
         self.latent_shape = latent_shape(pipe)
-        self.passes = PassCounter()
-        self.iteration, self.seconds = 0, 0.0
-        self._stop_requested = False
 
         self.names = esd_parameter_names(self.unet, variant)
         params = dict(self.unet.named_parameters())
@@ -213,64 +202,19 @@ class EsdTrainer:
         self.seconds = meta["seconds"]
 
     # ------------------------------------------------------------------ the loop
-    def _on_sigint(self, signum, frame):
-        if self._stop_requested:
-            raise KeyboardInterrupt
-        self._stop_requested = True
-        logger.warning("Ctrl-C: finishing this iteration, then writing a checkpoint")
-
-    def request_stop(self) -> None:
-        self._stop_requested = True
-
-    def train(self, *, resume: bool = False) -> EditConfig:
-        """Run to ``config.iterations``; write ``unet_edit.safetensors`` and the config.
-
-        The trained weights stay in ``pipe.unet`` (with their originals remembered, so
-        :func:`receler.methods.remove_edit` undoes them).
-
-        Raises:
-            TrainingInterrupted: after Ctrl-C or :meth:`request_stop`, once checkpointed.
-            TrainingDiverged: on a non-finite loss, keeping the last good checkpoint.
-        """
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.out_dir / LOG_FILE
-        if resume:
-            self.restore(self.out_dir / CHECKPOINT_FILE)
-            _truncate_log(log_path, self.iteration)
-        else:
-            log_path.unlink(missing_ok=True)
-        cfg = self.config
-        in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if in_main else None
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=self.variant,
-                   disable=not self.show_progress, dynamic_ncols=True)
+    def begin(self) -> None:
         for p in self.params:
             p.requires_grad_(True)
-        try:
-            with log_path.open("a") as log:
-                while self.iteration < cfg.iterations:
-                    start = time.perf_counter()
-                    result = self.step()
-                    self.seconds += time.perf_counter() - start
-                    log.write(json.dumps(_log_row(result, self.passes)) + "\n")
-                    log.flush()
-                    bar.update(1)
-                    bar.set_postfix(erase=f"{result.loss_erase:.4f}")
-                    for cb in self.callbacks:
-                        cb(self, result)
-                    if self.iteration % cfg.checkpoint_every == 0:
-                        self.checkpoint()
-                    if self._stop_requested and self.iteration < cfg.iterations:
-                        self.checkpoint()
-                        raise TrainingInterrupted(self.iteration, self.out_dir)
-        finally:
-            for p in self.params:
-                p.requires_grad_(False)
-                p.grad = None
-            bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-        self.checkpoint()
+
+    def end(self) -> None:
+        for p in self.params:
+            p.requires_grad_(False)
+            p.grad = None
+
+    def finish(self) -> EditConfig:
+        """Write ``unet_edit.safetensors``; the trained weights stay in ``pipe.unet`` with
+        their originals remembered, so :func:`receler.methods.remove_edit` undoes them."""
+        cfg = self.config
         save_unet_edit(self.unet, self.names, self.out_dir, method=self.variant)
         mark_unet_edit(self.unet, self.variant, self.original)
         return EditConfig(rank=0, concepts=list(cfg.concepts), base_model=self.base_model,
