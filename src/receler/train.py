@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -137,6 +138,35 @@ class TrainingLoop:
     def postfix(self, r: IterationResult) -> dict[str, str]:
         return {"erase": f"{r.loss_erase:.4f}"}
 
+    def sample_zt(self) -> tuple[str, int, torch.Tensor, torch.Tensor]:
+        """The next concept (round robin: equal shares) and ``z_t`` sampled by DDIM with the
+        model being trained, up to a random step. Needs ``pipe``, ``sched``, ``cond``,
+        ``uncond``, ``generator`` and ``latent_shape`` on the subclass.
+
+        Returns:
+            ``(concept, steps_done, z_t, t)``, ``t`` being the timestep ``z_t`` is at.
+        """
+        cfg = self.config
+        concept = cfg.concepts[self.iteration % len(cfg.concepts)]
+        steps_done = int(torch.randint(cfg.ddim_steps, (1,), generator=self.generator))
+        noise = torch.randn((1, *self.latent_shape), generator=self.generator)
+        noise = noise.to(self.pipe.unet.device, self.uncond.hidden.dtype)
+        z = ddim_until(self.pipe, self.sched, noise, self.uncond, self.cond[concept],
+                       cfg.start_guidance, steps_done, count=self.passes)
+        return concept, steps_done, z, self.sched.timesteps[steps_done]
+
+    def update(self, loss: torch.Tensor, extra_losses: tuple[float, ...] = ()) -> None:
+        """Stop on a non-finite loss (keeping the last checkpoint), else take one step."""
+        if not torch.isfinite(loss) or not all(math.isfinite(x) for x in extra_losses):
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at iteration {self.iteration + 1}; "
+                f"the last good checkpoint is kept in {self.out_dir}: lower --lr and use --resume")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.passes(1, backward=True)
+        self.optimizer.step()
+        self.iteration += 1
+
     def _on_sigint(self, signum, frame):
         if self._stop_requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
@@ -245,9 +275,6 @@ class Trainer(TrainingLoop):
         self.adv_opts = {c: torch.optim.Adam([p], lr=config.adv_lr) for c, p in self.adv.items()}
 
     # ------------------------------------------------------------------ one iteration
-    def _randint(self, high: int) -> int:
-        return int(torch.randint(high, (1,), generator=self.generator))
-
     def adversarial_hidden(self, concept: str, soft: torch.Tensor) -> torch.Tensor:
         return insert_soft_tokens(self.cond[concept].hidden, soft, self.tokens[concept][-1] + 1)
 
@@ -256,16 +283,9 @@ class Trainer(TrainingLoop):
 
     def step(self) -> IterationResult:
         cfg, unet = self.config, self.unet
-        concept = self.concepts[self.iteration % len(self.concepts)]  # round robin: equal shares
-        cond = self.cond[concept]
-        steps_done = self._randint(cfg.ddim_steps)
-        noise = torch.randn((1, *self.latent_shape), generator=self.generator)
-        noise = noise.to(self.device, self.uncond.hidden.dtype)
-
         # 1. z_t from the erased model
-        z = ddim_until(self.pipe, self.sched, noise, self.uncond, cond, cfg.start_guidance,
-                       steps_done, count=self.passes)
-        t = self.sched.timesteps[steps_done]
+        concept, steps_done, z, t = self.sample_zt()
+        cond = self.cond[concept]
 
         # 2. frozen targets; attention of the concept prompt gives the mask
         with torch.no_grad(), erasers_disabled(unet):
@@ -294,16 +314,7 @@ class Trainer(TrainingLoop):
             e_erased = unet_eps(unet, z, t, cond.with_hidden(hidden))
         loss_e = erase_loss(e_erased, target)
         loss_m = mask_loss(outputs, mask, self.latent_hw) if cfg.reg_weight else torch.zeros(())
-        loss = loss_e + cfg.reg_weight * loss_m
-        if not torch.isfinite(loss) or not all(map(torch.isfinite, map(torch.tensor, attack_losses))):
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at iteration {self.iteration + 1}; "
-                f"the last good checkpoint is kept in {self.out_dir}: lower --lr and use --resume")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.passes(1, backward=True)
-        self.optimizer.step()
-        self.iteration += 1
+        self.update(loss_e + cfg.reg_weight * loss_m, tuple(attack_losses))
         return IterationResult(self.iteration, concept, steps_done, int(t), loss_e.item(),
                                loss_m.item(), attack_losses, mask[0].cpu(), attention[0].cpu())
 

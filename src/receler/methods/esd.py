@@ -36,7 +36,7 @@ from .. import __version__
 from ..config import TrainConfig
 from ..erasers import get_erasers
 from ..objective import erase_loss, erase_target
-from ..pipeline import ddim_scheduler, ddim_until, encode, latent_shape, unet_eps
+from ..pipeline import ddim_scheduler, encode, latent_shape, unet_eps
 from ..serialization import (
     CHECKPOINT_FILE,
     optimizer_tensors,
@@ -47,7 +47,6 @@ from ..serialization import (
 from ..train import (
     IterationResult,
     PassCounter,
-    TrainingDiverged,
     TrainingLoop,
 )
 from .edits import EditConfig, mark_unet_edit, save_unet_edit
@@ -129,9 +128,6 @@ class EsdTrainer(TrainingLoop):
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.params)
 
-    def _randint(self, high: int) -> int:
-        return int(torch.randint(high, (1,), generator=self.generator))
-
     @torch.no_grad()
     def frozen_eps(self, z: torch.Tensor, t, cond) -> torch.Tensor:
         """``ε`` of the original weights: the same UNet with the saved copy substituted."""
@@ -142,27 +138,13 @@ class EsdTrainer(TrainingLoop):
 
     def step(self) -> IterationResult:
         cfg = self.config
-        concept = cfg.concepts[self.iteration % len(cfg.concepts)]
+        concept, steps_done, z, t = self.sample_zt()  # with the weights being trained
         cond = self.cond[concept]
-        steps_done = self._randint(cfg.ddim_steps)
-        noise = torch.randn((1, *self.latent_shape), generator=self.generator)
-        noise = noise.to(self.unet.device, self.uncond.hidden.dtype)
-        z = ddim_until(self.pipe, self.sched, noise, self.uncond, cond, cfg.start_guidance,
-                       steps_done, count=self.passes)  # with the weights being trained
-        t = self.sched.timesteps[steps_done]
         e_uncond, e_cond = self.frozen_eps(z, t, self.uncond), self.frozen_eps(z, t, cond)
         self.passes(2)
         target = erase_target(e_uncond, e_cond, cfg.eta)
         loss = erase_loss(unet_eps(self.unet, z, t, cond), target)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at iteration {self.iteration + 1}; "
-                f"the last good checkpoint is kept in {self.out_dir}: lower --lr and use --resume")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.passes(1, backward=True)
-        self.optimizer.step()
-        self.iteration += 1
+        self.update(loss)
         return IterationResult(self.iteration, concept, steps_done, int(t), loss.item(), 0.0)
 
     # ------------------------------------------------------------------ checkpoints
