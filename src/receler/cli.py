@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--two-object-prompts", type=Path, help="the two-object prompt CSV")
     e.add_argument("--detector", default="toy",
                    help="toy (default), grounding-dino, nudenet or clip-score")
+    e.add_argument("--reference-images", type=Path, default=None,
+                   help="also the Fréchet distance of --images to this folder (e.g. base images)")
+    e.add_argument("--inception", type=Path, default=None,
+                   help="FID with this Inception TorchScript file (pt_inception-2015-12-05); "
+                        "default: the toy detector's features, offline")
     e.add_argument("--out", type=Path, required=True, help="results JSON (a .md is written beside)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
@@ -317,6 +322,15 @@ def cmd_evaluate(args) -> int:
             two = evaluate_folder(args.two_object_images, args.two_object_prompts, detector)
             results["two_object"] = {c: to_dict(two_object_locality(two, c)) for c in concepts}
             md += [to_markdown(two_object_locality(two, c)) for c in concepts]
+    if args.reference_images is not None:
+        from .eval.fid import InceptionFeatures, ToyFeatures, compute_fid
+
+        extractor = (InceptionFeatures.from_torchscript(args.inception) if args.inception
+                     else ToyFeatures())
+        results["fid"] = compute_fid(args.images, args.reference_images, extractor)
+        results["fid_features"] = "inception" if args.inception else "toy-detector"
+        md.append(f"Fréchet distance to {args.reference_images} "
+                  f"({results['fid_features']} features): {results['fid']:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     args.out.with_suffix(".md").write_text("\n\n".join(md) + "\n")
