@@ -68,3 +68,14 @@ def test_discrete_attack_appends_vocabulary_words_and_improves(erased_pipe):
 def test_bad_attack_settings_are_refused(field):
     with pytest.raises(ValueError, match=field):
         AttackConfig(**{field: 0})
+
+
+def test_batched_losses_equal_one_by_one(erased_pipe):
+    latents = targets(erased_pipe)
+    loss = DenoisingLoss(erased_pipe, latents, 3, seed=5)
+    batch = loss.sample()
+    prompts = ["a photo of car", "dog", "the red truck"]
+    many = loss.many(encode(erased_pipe, prompts), batch, max_batch=6)  # 2 prompts per call
+    with torch.no_grad():
+        one = torch.stack([loss(encode(erased_pipe, [p]), batch) for p in prompts])
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)  # batching changes the kernels

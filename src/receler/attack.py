@@ -84,6 +84,21 @@ class DenoisingLoss:
         return F.mse_loss(unet_eps(self.pipe.unet, z, t, cond.with_hidden(hidden)).float(),
                           eps.float())
 
+    @torch.no_grad()
+    def many(self, cond: Conditioning, batch, max_batch: int = 64) -> torch.Tensor:
+        """The loss of each of ``cond``'s ``P`` prompts on the same draws, batched: ``(P,)``."""
+        z, t, eps = batch
+        n, losses = len(z), []
+        step = max(1, max_batch // n)  # prompts per UNet call
+        for i in range(0, len(cond.hidden), step):
+            hidden = cond.hidden[i:i + step]  # (p, T, D)
+            p = len(hidden)
+            rep = Conditioning(hidden.repeat_interleave(n, 0))  # (p·n, T, D), prompt-major
+            out = unet_eps(self.pipe.unet, z.repeat(p, 1, 1, 1), t.repeat(p), rep).float()
+            err = (out - eps.float().repeat(p, 1, 1, 1)).pow(2).flatten(1).mean(1)  # (p·n,)
+            losses.append(err.view(p, n).mean(1))
+        return torch.cat(losses)
+
 
 def soft_prompt_attack(pipe, prompt: str, latents: torch.Tensor, config: AttackConfig, *,
                        show_progress: bool = False) -> tuple[torch.Tensor, list[float]]:
@@ -128,21 +143,21 @@ def discrete_token_attack(pipe, prompt: str, latents: torch.Tensor, config: Atta
     batch = loss_fn.sample()  # fixed, so that candidates are compared fairly
     words = [vocab[int(i)] for i in torch.randint(len(vocab), (config.tokens,), generator=g)]
 
-    def score(ws):
-        return loss_fn(encode(pipe, [" ".join([prompt, *ws])]), batch).item()
+    def scores(trials: list[list[str]]) -> torch.Tensor:
+        return loss_fn.many(encode(pipe, [" ".join([prompt, *ws]) for ws in trials]), batch)
 
-    best = score(words)
+    best = scores([words])[0].item()
     history = [best]
     bar = tqdm(total=config.sweeps * config.tokens, desc="token attack",
                disable=not show_progress)
     for _ in range(config.sweeps):
         for pos in range(config.tokens):
-            pick = torch.randperm(len(vocab), generator=g)[:config.candidates]
-            for i in pick.tolist():
-                trial = words[:pos] + [vocab[i]] + words[pos + 1:]
-                loss = score(trial)
-                if loss < best:
-                    best, words = loss, trial
+            pick = torch.randperm(len(vocab), generator=g)[:config.candidates].tolist()
+            trials = [words[:pos] + [vocab[i]] + words[pos + 1:] for i in pick]
+            losses = scores(trials)
+            i = int(losses.argmin())
+            if losses[i].item() < best:
+                best, words = losses[i].item(), trials[i]
             history.append(best)
             bar.update(1)
     bar.close()
@@ -165,6 +180,7 @@ def generate_from_embedding(pipe, hidden: torch.Tensor, seeds: list[int], settin
 
 
 def _word_vocabulary(tokenizer) -> list[str]:
-    """Whole-word tokens of a CLIP tokenizer (``word</w>``), ASCII letters only."""
+    """Whole-word tokens of a CLIP tokenizer (``word</w>``): lower-case ASCII words of two
+    letters or more (CLIP lower-cases prompts, so capitals and single letters add nothing)."""
     words = [t[:-4] for t in tokenizer.get_vocab() if t.endswith("</w>")]
-    return sorted(w for w in words if w.isascii() and w.isalpha())
+    return sorted(w for w in words if len(w) > 1 and w.isascii() and w.isalpha() and w.islower())

@@ -44,26 +44,35 @@ def per_class_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _label(set_name: str, row) -> str:
+    """A short column label: the class, the paraphrase's noun, the pair, the styled class."""
+    if set_name == "paraphrase":
+        return row.prompt.split()[-1]
+    if set_name == "two_object":
+        return f"{row.class_name}+{row.extra.get('class2', '')}"
+    if set_name == "style":
+        return f"{row.extra.get('style') or 'plain'} {row.class_name}"
+    return row.class_name or row.prompt[:12]
+
+
 def compare_grid(out: Path, results: dict, rows: dict, n_per_set: int = 6) -> Path | None:
     """Base above erased, same prompts and seeds, for the concept's sets and other classes."""
     images, labels = {"base": [], "erased": []}, []
     concept = results["concept"]
+    roots = {"base": Path(results.get("base_images", out / "images" / "base")),
+             "erased": out / "images" / "erased"}
     for set_name in ("simple", "paraphrase", "style", "two_object"):
-        folder = out / "images" / "erased" / set_name
-        files = sorted(folder.glob("*_0.png"), key=lambda p: int(p.stem.split("_")[0]))
-        if not files:
-            continue
+        by_case = {r.case_number: r for r in rows.get(set_name, [])}
+        files = sorted((roots["erased"] / set_name).glob("*_0.png"),
+                       key=lambda p: int(p.stem.split("_")[0]))
+        chosen = [(f, by_case[int(f.stem.split("_")[0])]) for f in files]
         if set_name == "simple":  # the concept and a few other classes
-            cls = {r.case_number: r.class_name for r in rows["simple"]}
-            of = [cls[int(f.stem.split("_")[0])] for f in files]
-            files = [f for f, c in zip(files, of, strict=True) if c == concept][:2] + \
-                [f for f, c in zip(files, of, strict=True) if c != concept][::10][:4]
-        for f in files[:n_per_set]:
+            chosen = [c for c in chosen if c[1].class_name == concept][:2] + \
+                [c for c in chosen if c[1].class_name != concept][::10][:4]
+        for f, row in chosen[:n_per_set]:
             for which in images:
-                root = Path(results.get("base_images", out / "images" / "base")) \
-                    if which == "base" else out / "images" / "erased"
-                images[which].append(Image.open(root / set_name / f.name))
-            labels.append(set_name)
+                images[which].append(Image.open(roots[which] / set_name / f.name))
+            labels.append(_label(set_name, row))
     if not labels:
         return None
     scale = max(1, 96 // images["base"][0].size[0])
