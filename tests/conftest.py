@@ -13,7 +13,9 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from receler.toyworld.tokenizer import build_tokenizer
 
 # Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads that
 # spin against each other make the suite 10-20× slower.
@@ -23,33 +25,9 @@ WORDS = ["a", "photo", "of", "car", "truck", "dog", "cat", "red", "blue", "pictu
 MAX_LEN = 24
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map from bytes to printable characters."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in printable]
-    return {b: chr(c) for b, c in zip(printable + extra, printable + [256 + i for i in range(len(extra))], strict=True)}
-
-
-def make_tokenizer(folder: Path, words=WORDS, max_len: int = MAX_LEN) -> CLIPTokenizer:
+def make_tokenizer(folder: Path, words=WORDS, max_len: int = MAX_LEN):
     """A CLIPTokenizer whose vocabulary makes each word of ``words`` one token."""
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars]
-    merges = []
-    for word in words:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            parts = [parts[0] + parts[1]] + parts[2:]
-            if parts[0] not in vocab:
-                vocab.append(parts[0])
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
-                        model_max_length=max_len, pad_token="<|endoftext|>")
-    return tok
+    return build_tokenizer(folder, model_max_length=max_len, words=words)
 
 
 def tiny_unet(cross_dim: int = 16, sample_size: int = 8) -> UNet2DConditionModel:

@@ -36,21 +36,22 @@ def test_training_runs_and_writes_erasers(pipe, tmp_path):
     assert rows[-1]["unet_forward"] == expected
 
 
-def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("zt_reuse", [1, 3])  # 3: stopped while a cached trajectory is in use
+def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, tmp_path, zt_reuse):
     from receler import load_pipeline
 
     full = load_pipeline(str(tiny_model_dir), device="cpu")
-    t_full = Trainer(full, config(), tmp_path / "full")
+    t_full = Trainer(full, config(zt_reuse=zt_reuse), tmp_path / "full")
     t_full.train()
 
     part = load_pipeline(str(tiny_model_dir), device="cpu")
     stop_at_3 = lambda tr, r: tr.request_stop() if r.iteration == 3 else None  # noqa: E731
     with pytest.raises(TrainingInterrupted) as info:
-        Trainer(part, config(), tmp_path / "part", callbacks=[stop_at_3]).train()
+        Trainer(part, config(zt_reuse=zt_reuse), tmp_path / "part", callbacks=[stop_at_3]).train()
     assert info.value.iteration == 3
 
     resumed = load_pipeline(str(tiny_model_dir), device="cpu")
-    t_res = Trainer(resumed, config(), tmp_path / "part")
+    t_res = Trainer(resumed, config(zt_reuse=zt_reuse), tmp_path / "part")
     t_res.train(resume=True)
     a, b = eraser_weights(full), eraser_weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -125,3 +126,21 @@ def test_bad_settings_are_refused(kw, match):
 def test_too_many_adversarial_tokens_are_refused(pipe, tmp_path):
     with pytest.raises(ValueError, match="lower --adv-tokens"):
         Trainer(pipe, config(adv_tokens=40), tmp_path)
+
+
+def test_reused_trajectory_gives_the_same_z_t_for_fewer_passes(pipe, tmp_path):
+    from receler.pipeline import ddim_scheduler, ddim_until, encode
+
+    sched = ddim_scheduler(pipe, 5)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    uncond, cond = encode(pipe, [""]), encode(pipe, ["car"])
+    path = ddim_until(pipe, sched, noise, uncond, cond, 3.0, 4, keep=True)
+    assert path.shape == (5, 4, 8, 8)
+    for k in range(5):  # row k is exactly the latent after k steps
+        assert torch.equal(path[k:k + 1], ddim_until(pipe, sched, noise, uncond, cond, 3.0, k))
+
+    trainer = Trainer(pipe, config(zt_reuse=4, adv_steps=0, ddim_steps=5), tmp_path)
+    trainer.train()
+    rows = log_rows(tmp_path)
+    # one whole trajectory (4 steps × 2) for the 4 iterations, plus 2 frozen + 1 erased each
+    assert rows[-1]["unet_forward"] == 2 * 4 + 4 * 3

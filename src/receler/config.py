@@ -42,6 +42,8 @@ class TrainConfig:
     eta: float = _f(1.0, "negative guidance η of the erase target ε(∅) − η·(ε(c) − ε(∅))")
     start_guidance: float = _f(3.0, "classifier-free guidance used when sampling z_t")
     ddim_steps: int = _f(50, "DDIM steps of the z_t sampler; t is drawn from them")
+    zt_reuse: int = _f(1, "iterations that draw z_t from one cached DDIM trajectory (1 = a "
+                          "fresh partial trajectory every iteration, as in the paper)")
     reg_weight: float = _f(0.1, "weight of the concept-localised regularisation (0 = off)")
     mask_threshold: float = _f(0.1, "threshold of the min-max normalised attention mask")
     mask_resolution: int | None = _f(
@@ -57,6 +59,7 @@ class TrainConfig:
     def __post_init__(self):
         self.concepts = parse_concepts(self.concepts)
         positive = {"iterations": self.iterations, "rank": self.rank, "ddim_steps": self.ddim_steps,
+                    "zt_reuse": self.zt_reuse,
                     "adv_tokens": self.adv_tokens, "checkpoint_every": self.checkpoint_every}
         for name, value in positive.items():
             if value <= 0:

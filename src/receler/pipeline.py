@@ -145,16 +145,21 @@ def ddim_scheduler(pipe, steps: int) -> DDIMScheduler:
 
 @torch.no_grad()
 def ddim_until(pipe, sched: DDIMScheduler, latents: torch.Tensor, uncond: Conditioning,
-               cond: Conditioning, guidance: float, steps_done: int, count=None) -> torch.Tensor:
-    """Run ``steps_done`` DDIM steps with classifier-free guidance from ``latents``.
+               cond: Conditioning, guidance: float, steps_done: int, count=None,
+               keep: bool = False) -> torch.Tensor:
+    """Run ``steps_done`` DDIM steps with classifier-free guidance from ``latents`` (1, C, H, W).
 
-    The result is ``z_t`` at ``t = sched.timesteps[steps_done]``.
+    Returns:
+        ``z_t`` at ``t = sched.timesteps[steps_done]``; with ``keep``, the whole trajectory
+        ``(steps_done + 1, C, H, W)``, row ``i`` being the latent at ``sched.timesteps[i]``.
     """
     both = uncond.cat(cond)
+    path = [latents]
     for t in sched.timesteps[:steps_done]:
         inp = sched.scale_model_input(torch.cat([latents] * 2), t)
         e_u, e_c = unet_eps(pipe.unet, inp, t, both).chunk(2)
         if count is not None:
             count(2)
         latents = sched.step(e_u + guidance * (e_c - e_u), t, latents).prev_sample
-    return latents
+        path.append(latents)
+    return torch.cat(path) if keep else latents

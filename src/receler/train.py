@@ -115,6 +115,29 @@ class TrainingLoop:
         self.passes = PassCounter()
         self.iteration, self.seconds = 0, 0.0
         self._stop_requested = False
+        self.trajectories: dict[str, torch.Tensor] = {}  # concept -> (ddim_steps, C, H, W)
+        self.trajectory_uses: dict[str, int] = {}  # concept -> draws left from it
+
+    def loop_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors and metadata of the loop itself, for a checkpoint."""
+        tensors = {"rng": self.generator.get_state()}
+        tensors.update({f"trajectory.{i}": self.trajectories[c]
+                        for i, c in enumerate(self.config.concepts) if c in self.trajectories})
+        meta = {"iteration": self.iteration, "config": self.config.to_dict(),
+                "passes": vars(self.passes), "seconds": self.seconds,
+                "trajectory_uses": self.trajectory_uses, "receler_version": __version__}
+        return tensors, meta
+
+    def restore_loop_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.generator.set_state(tensors["rng"])
+        self.iteration = meta["iteration"]
+        self.passes = PassCounter(**meta["passes"])
+        self.seconds = meta["seconds"]
+        self.trajectory_uses = dict(meta.get("trajectory_uses", {}))
+        device = self.pipe.unet.device
+        self.trajectories = {c: tensors[f"trajectory.{i}"].to(device, self.uncond.hidden.dtype)
+                             for i, c in enumerate(self.config.concepts)
+                             if f"trajectory.{i}" in tensors}
 
     def step(self) -> IterationResult:
         raise NotImplementedError
@@ -149,11 +172,22 @@ class TrainingLoop:
         cfg = self.config
         concept = cfg.concepts[self.iteration % len(cfg.concepts)]
         steps_done = int(torch.randint(cfg.ddim_steps, (1,), generator=self.generator))
+        t = self.sched.timesteps[steps_done]
+        if cfg.zt_reuse == 1:  # the paper: a fresh partial trajectory every iteration
+            z = ddim_until(self.pipe, self.sched, self._noise(), self.uncond, self.cond[concept],
+                           cfg.start_guidance, steps_done, count=self.passes)
+            return concept, steps_done, z, t
+        if self.trajectory_uses.get(concept, 0) == 0:  # one whole trajectory, reused zt_reuse×
+            self.trajectories[concept] = ddim_until(
+                self.pipe, self.sched, self._noise(), self.uncond, self.cond[concept],
+                cfg.start_guidance, cfg.ddim_steps - 1, count=self.passes, keep=True)
+            self.trajectory_uses[concept] = cfg.zt_reuse
+        self.trajectory_uses[concept] -= 1
+        return concept, steps_done, self.trajectories[concept][steps_done:steps_done + 1], t
+
+    def _noise(self) -> torch.Tensor:
         noise = torch.randn((1, *self.latent_shape), generator=self.generator)
-        noise = noise.to(self.pipe.unet.device, self.uncond.hidden.dtype)
-        z = ddim_until(self.pipe, self.sched, noise, self.uncond, self.cond[concept],
-                       cfg.start_guidance, steps_done, count=self.passes)
-        return concept, steps_done, z, self.sched.timesteps[steps_done]
+        return noise.to(self.pipe.unet.device, self.uncond.hidden.dtype)
 
     def update(self, loss: torch.Tensor, extra_losses: tuple[float, ...] = ()) -> None:
         """Stop on a non-finite loss (keeping the last checkpoint), else take one step."""
@@ -329,10 +363,9 @@ class Trainer(TrainingLoop):
             tensors[f"adv.{i}"] = self.adv[c].detach()
             t_, adv_meta[c] = optimizer_tensors(self.adv_opts[c], f"adv_optim.{i}")
             tensors.update(t_)
-        tensors["rng"] = self.generator.get_state()
-        meta = {"iteration": self.iteration, "config": self.config.to_dict(), "optim": opt_meta,
-                "adv_optim": adv_meta, "passes": vars(self.passes), "seconds": self.seconds,
-                "base_model": self.base_model, "receler_version": __version__}
+        loop_tensors, meta = self.loop_state()
+        tensors.update(loop_tensors)
+        meta.update(optim=opt_meta, adv_optim=adv_meta, base_model=self.base_model)
         path = self.out_dir / CHECKPOINT_FILE
         save_tensors(path, tensors, meta)
         return path
@@ -351,10 +384,7 @@ class Trainer(TrainingLoop):
             with torch.no_grad():
                 self.adv[c].copy_(tensors[f"adv.{i}"])
             restore_optimizer(self.adv_opts[c], f"adv_optim.{i}", tensors, meta["adv_optim"][c])
-        self.generator.set_state(tensors["rng"])
-        self.iteration = meta["iteration"]
-        self.passes = PassCounter(**meta["passes"])
-        self.seconds = meta["seconds"]
+        self.restore_loop_state(tensors, meta)
 
     # ------------------------------------------------------------------ the loop
     def postfix(self, r: IterationResult) -> dict[str, str]:

@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 from torch.func import functional_call
 
-from .. import __version__
 from ..config import TrainConfig
 from ..erasers import get_erasers
 from ..objective import erase_loss, erase_target
@@ -46,7 +45,6 @@ from ..serialization import (
 )
 from ..train import (
     IterationResult,
-    PassCounter,
     TrainingLoop,
 )
 from .edits import EditConfig, mark_unet_edit, save_unet_edit
@@ -152,11 +150,9 @@ class EsdTrainer(TrainingLoop):
         tensors = {f"params.{n}": p for n, p in zip(self.names, self.params, strict=True)}
         opt_t, opt_meta = optimizer_tensors(self.optimizer, "optim")
         tensors.update(opt_t)
-        tensors["rng"] = self.generator.get_state()
-        meta = {"method": self.variant, "iteration": self.iteration,
-                "config": self.config.to_dict(), "optim": opt_meta, "passes": vars(self.passes),
-                "seconds": self.seconds, "base_model": self.base_model,
-                "receler_version": __version__}
+        loop_tensors, meta = self.loop_state()
+        tensors.update(loop_tensors)
+        meta.update(method=self.variant, optim=opt_meta, base_model=self.base_model)
         path = self.out_dir / CHECKPOINT_FILE
         save_tensors(path, tensors, meta)
         return path
@@ -178,10 +174,7 @@ class EsdTrainer(TrainingLoop):
         for n, p in zip(self.names, self.params, strict=True):
             p.copy_(tensors[f"params.{n}"])
         restore_optimizer(self.optimizer, "optim", tensors, meta["optim"])
-        self.generator.set_state(tensors["rng"])
-        self.iteration = meta["iteration"]
-        self.passes = PassCounter(**meta["passes"])
-        self.seconds = meta["seconds"]
+        self.restore_loop_state(tensors, meta)
 
     # ------------------------------------------------------------------ the loop
     def begin(self) -> None:
