@@ -1,0 +1,198 @@
+"""Configs of the tiny Stable-Diffusion-format components and where the shipped model lives.
+
+The toy pipeline uses only stock classes (``AutoencoderKL``, ``UNet2DConditionModel``,
+``CLIPTextModel``, ``CLIPTokenizer``, ``DDIMScheduler``), so everything that works on
+Stable Diffusion 1.x works on it: 32x32 px images, a VAE with one 2x downsampling to a
+4x16x16 latent, and a UNet with cross-attention at 16x16, 8x8 and 4x4.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyworld"
+PIPELINE_DIR = ASSET_DIR / "pipeline"
+DEFAULTS_FILE = "receler_defaults.json"
+
+
+@dataclass
+class VAEConfig:
+    """Tiny ``AutoencoderKL``: 3x32x32 image <-> 4x16x16 latent."""
+
+    block_out_channels: tuple[int, ...] = (16, 32)  # channels per level; len-1 downsamplings
+    layers_per_block: int = 1  # resnets per level
+    latent_channels: int = 4  # as in SD
+    norm_num_groups: int = 8  # GroupNorm groups
+    sample_size: int = 32  # image side, pixels
+
+    def kwargs(self) -> dict:
+        n = len(self.block_out_channels)
+        return dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=tuple(self.block_out_channels),
+            layers_per_block=self.layers_per_block,
+            latent_channels=self.latent_channels,
+            norm_num_groups=self.norm_num_groups,
+            sample_size=self.sample_size,
+        )
+
+
+@dataclass
+class UNetConfig:
+    """Tiny ``UNet2DConditionModel`` with cross-attention at every level."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 128)  # channels per level (16x16, 8x8, 4x4)
+    layers_per_block: int = 1  # resnets (+ transformer) per down level
+    attention_heads: int = 4  # diffusers' ``attention_head_dim`` (a head count in SD configs)
+    norm_num_groups: int = 8  # GroupNorm groups
+    cross_attention_dim: int = 128  # must equal the text encoder's hidden size
+    sample_size: int = 16  # latent side
+
+    def kwargs(self) -> dict:
+        n = len(self.block_out_channels)
+        return dict(
+            sample_size=self.sample_size,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * n,
+            up_block_types=("CrossAttnUpBlock2D",) * n,
+            block_out_channels=tuple(self.block_out_channels),
+            layers_per_block=self.layers_per_block,
+            attention_head_dim=self.attention_heads,
+            norm_num_groups=self.norm_num_groups,
+            cross_attention_dim=self.cross_attention_dim,
+        )
+
+
+@dataclass
+class TextConfig:
+    """Tiny ``CLIPTextModel``."""
+
+    hidden_size: int = 128  # token embedding width (= UNet cross_attention_dim)
+    num_hidden_layers: int = 3  # transformer layers
+    num_attention_heads: int = 4  # heads per layer
+    intermediate_size: int = 256  # MLP width
+    max_position_embeddings: int = 48  # = tokenizer.model_max_length (prompt + 16 soft tokens fit)
+
+
+@dataclass
+class SamplerDefaults:
+    """Default sampler settings of the shipped pipeline (saved as receler_defaults.json)."""
+
+    num_inference_steps: int = 20  # DDIM steps
+    guidance_scale: float = 5.0  # classifier-free guidance scale
+    height: int = 32  # image height, pixels
+    width: int = 32  # image width, pixels
+
+
+def scheduler_kwargs() -> dict:
+    """DDIM settings of SD 1.x, with trailing spacing so sampling starts at t=999."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+        timestep_spacing="trailing",
+    )
+
+
+def build_vae(cfg: VAEConfig | None = None):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**(cfg or VAEConfig()).kwargs())
+
+
+def build_unet(cfg: UNetConfig | None = None):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**(cfg or UNetConfig()).kwargs())
+
+
+def build_text_encoder(tokenizer, cfg: TextConfig | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = cfg or TextConfig()
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **asdict(cfg),
+    )
+    return CLIPTextModel(config)
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**scheduler_kwargs())
+
+
+def assemble_pipeline(vae, unet, text_encoder, tokenizer):
+    """A ``StableDiffusionPipeline`` from the parts, without safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline(
+    pipe, folder: str | Path, defaults: SamplerDefaults | None = None, *, fp16: bool = False
+) -> Path:
+    """``save_pretrained`` the pipeline (fp32 safetensors unless ``fp16``) and write receler_defaults.json.
+
+    fp32 is the default: transformers loads the text encoder in its stored dtype, and an fp16
+    text encoder next to an fp32 UNet breaks the stock pipeline call on CPU.
+    """
+    import torch
+
+    folder = Path(folder)
+    if fp16:
+        pipe = pipe.to(torch.float16)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    if fp16:
+        pipe.to(torch.float32)
+    d = asdict(defaults or SamplerDefaults())
+    (folder / DEFAULTS_FILE).write_text(json.dumps(d, indent=2, sort_keys=True), encoding="utf-8")
+    return folder
+
+
+def default_model_path() -> Path:
+    """Folder of the shipped toy pipeline (load it with ``StableDiffusionPipeline.from_pretrained``).
+
+    Raises:
+        FileNotFoundError: the toy model has not been trained and shipped yet.
+    """
+    if not (PIPELINE_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"The toy model is not shipped at {PIPELINE_DIR}: build it with the scripts in "
+            "scripts/toyworld/ (see docs/toyworld.md)."
+        )
+    return PIPELINE_DIR
+
+
+def default_sampler_settings(path: str | Path | None = None) -> dict:
+    """Sampler settings recorded beside a toy pipeline (``num_inference_steps``, ``guidance_scale``,
+    ``height``, ``width``); defaults to the shipped pipeline."""
+    folder = Path(path) if path is not None else default_model_path()
+    f = folder / DEFAULTS_FILE
+    if f.is_file():
+        return json.loads(f.read_text(encoding="utf-8"))
+    return asdict(SamplerDefaults())
