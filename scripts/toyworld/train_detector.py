@@ -124,7 +124,7 @@ def main() -> None:
         vae = AutoencoderKL.from_pretrained(args.out / "vae").eval()
         rec_path = args.out / f"detector_recon_{args.n_recon}.pt"
         if rec_path.is_file():
-            x_rec = torch.load(rec_path)
+            x_rec = torch.load(rec_path, weights_only=True)
         else:
             x_rec = (
                 (reconstruct(vae, x_all[: args.n_recon].float() / 255) * 255)

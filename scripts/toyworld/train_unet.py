@@ -178,7 +178,7 @@ def main() -> None:
     data = load_dataset("train", args.n_images)
     lat_path = args.out / f"latents_train_{args.n_images}.pt"
     if lat_path.is_file():
-        latents = torch.load(lat_path)
+        latents = torch.load(lat_path, weights_only=True)
     else:
         latents = encode_latents(vae, data["images"], dev)
         atomic_save(latents, lat_path)
