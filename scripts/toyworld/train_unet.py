@@ -218,7 +218,8 @@ def main() -> None:
         set_rng_state(ck["rng"])
         captions.rng.setstate(ck["caption_rng"])
         step, trained_s = ck["step"], ck["trained_s"]
-        print(f"resumed at step {step} ({trained_s / 3600:.2f} h trained)")
+        sched.base_lrs = [args.lr] * len(sched.base_lrs)  # --lr applies to resumed runs too
+        print(f"resumed at step {step} ({trained_s / 3600:.2f} h trained), peak lr {args.lr:g}")
     n_u = sum(p.numel() for p in unet.parameters())
     n_t = sum(p.numel() for p in text.parameters())
     print(f"UNet {n_u / 1e6:.2f}M params, text encoder {n_t / 1e6:.2f}M params")
