@@ -96,8 +96,9 @@ def test_erase_loss_falls_over_a_few_steps(setup):
 
 
 def test_mask_loss_by_hand():
-    # one eraser on a 2×2 layer, 1 channel; the mask keeps the top-left position.
-    out = torch.tensor([[[1.0], [2.0], [3.0], [4.0]]])  # (B=1, HW=4, C=1)
+    # one eraser on a 2×2 layer; the mask keeps the top-left position. Channel 2 is
+    # channel 1 mirrored, so the channel mean equals channel 1 squared.
+    out = torch.tensor([[[1.0, -1.0], [2.0, -2.0], [3.0, -3.0], [4.0, -4.0]]])  # (B, HW, C=2)
     mask = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])  # (B, h, w)
     # (2² + 3² + 4²) / 3 positions outside the mask
     assert mask_loss({"l": out}, mask, (2, 2)).item() == pytest.approx(29 / 3)

@@ -35,8 +35,9 @@ def mask_loss(
     """Concept-localised regularisation, averaged over the erasers.
 
     For each eraser output ``E`` of shape ``(B, HW, C)`` and the mask ``M`` resized to
-    that layer: ``Σ((1 − M)·E)² / Σ(1 − M)``, the sums running over batch and positions
-    (and channels in the numerator).
+    that layer: ``Σ mean_C((1 − M)·E)² / Σ(1 − M)``, the sums running over batch and
+    positions. The channel mean (as in the reference code) keeps the weight comparable
+    across layers and models of different widths.
 
     Args:
         eraser_outputs: from :func:`receler.erasers.record_eraser_outputs`.
@@ -52,7 +53,7 @@ def mask_loss(
             out = out.flatten(2).transpose(1, 2)
         b, n, _ = out.shape  # (B, HW, C)
         keep = 1.0 - resize_mask(mask.float(), layer_hw(n, latent_hw)).reshape(b, n, 1)
-        losses.append(((keep * out.float()) ** 2).sum() / keep.sum().clamp_min(1.0))
+        losses.append(((keep * out.float()) ** 2).mean(-1).sum() / keep.sum().clamp_min(1.0))
     return torch.stack(losses).mean()
 
 
