@@ -31,9 +31,28 @@ def test_training_runs_and_writes_erasers(pipe, tmp_path):
     rows = log_rows(tmp_path)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
     assert all(r["loss_attack_first"] is not None for r in rows)
-    # per iteration: 2·steps (z_t) + 2 (frozen) + adv_steps + 1 (eraser) forward passes
-    expected = sum(2 * r["ddim_step"] + 2 + 2 + 1 for r in rows)
+    # per iteration: 2·steps (z_t) + 2 (frozen) + adv_steps + 2 (eraser: plain and attacked)
+    expected = sum(2 * r["ddim_step"] + 2 + 2 + 2 for r in rows)
     assert rows[-1]["unet_forward"] == expected
+
+
+def test_erasers_learn_on_the_plain_prompt_and_under_the_attack(pipe, tmp_path):
+    trainer = Trainer(pipe, config(iterations=1), tmp_path)
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"].detach().clone()),
+        with_kwargs=True)
+    try:
+        trainer.train()
+    finally:
+        hook.remove()
+    last = seen[-1]  # the eraser update's pass
+    plain = trainer.cond["car"].hidden
+    start = trainer.tokens["car"][-1] + 1
+    assert last.shape[0] == 2 and torch.equal(last[0], plain[0])
+    assert torch.equal(last[1, :start], plain[0, :start])  # the prompt up to the concept
+    assert not torch.equal(last[1, start:], plain[0, start:])  # then the attack's soft tokens
+    assert torch.equal(last[1, start:start + 2], trainer.adv["car"].detach()[:2])
 
 
 @pytest.mark.parametrize("zt_reuse", [1, 3])  # 3: stopped while a cached trajectory is in use

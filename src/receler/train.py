@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .attention import binary_mask, capture_cross_attention, concept_attention
+from .attention import binary_mask, capture_cross_attention, concept_attention, guidance_map
 from .config import EraserConfig, TrainConfig
 from .erasers import (
     attach_erasers,
@@ -189,7 +189,8 @@ class TrainingLoop:
         noise = torch.randn((1, *self.latent_shape), generator=self.generator)
         return noise.to(self.pipe.unet.device, self.uncond.hidden.dtype)
 
-    def update(self, loss: torch.Tensor, extra_losses: tuple[float, ...] = ()) -> None:
+    def update(self, loss: torch.Tensor, extra_losses: tuple[float, ...] = (),
+               samples: int = 1) -> None:
         """Stop on a non-finite loss (keeping the last checkpoint), else take one step."""
         if not torch.isfinite(loss) or not all(math.isfinite(x) for x in extra_losses):
             raise TrainingDiverged(
@@ -197,7 +198,7 @@ class TrainingLoop:
                 f"the last good checkpoint is kept in {self.out_dir}: lower --lr and use --resume")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.passes(1, backward=True)
+        self.passes(samples, backward=True)
         self.optimizer.step()
         self.iteration += 1
 
@@ -329,26 +330,33 @@ class Trainer(TrainingLoop):
             self.passes(2)
         attention = concept_attention(maps, self.tokens[concept], self.latent_hw,
                                       cfg.mask_resolution)
+        if cfg.mask_source == "guidance":  # same resolution as the attention mask would have
+            attention = guidance_map(e_uncond, e_cond, attention.shape[-2])
         mask = binary_mask(attention, cfg.mask_threshold)
         target = erase_target(e_uncond, e_cond, cfg.eta)
 
         # 3. adversarial prompt learning (the attack)
         attack_losses = []
-        hidden = cond.hidden
+        prompts = cond
         if self.use_adversary():
             soft, opt = self.adv[concept], self.adv_opts[concept]
             predict = lambda s: unet_eps(unet, z, t, cond.with_hidden(self.adversarial_hidden(concept, s)))  # noqa: E731
             for _ in range(cfg.adv_steps):
                 attack_losses.append(attack_step(soft, opt, predict, e_cond))
                 self.passes(1, backward=True)
-            hidden = self.adversarial_hidden(concept, soft.detach())
+            # Erase on the plain prompt and under the attack, in one batch. Trained under the
+            # attack alone, the erasers learn to undo the soft tokens and leave the plain
+            # prompt's image in place (measured on the toy model: no erasure at all).
+            prompts = cond.cat(cond.with_hidden(self.adversarial_hidden(concept, soft.detach())))
+        n = prompts.hidden.shape[0]
 
-        # 4. eraser update under the attack
+        # 4. eraser update
         with record_eraser_outputs(unet) as outputs:
-            e_erased = unet_eps(unet, z, t, cond.with_hidden(hidden))
-        loss_e = erase_loss(e_erased, target)
-        loss_m = mask_loss(outputs, mask, self.latent_hw) if cfg.reg_weight else torch.zeros(())
-        self.update(loss_e + cfg.reg_weight * loss_m, tuple(attack_losses))
+            e_erased = unet_eps(unet, z.expand(n, -1, -1, -1), t, prompts)
+        loss_e = erase_loss(e_erased, target.expand(n, -1, -1, -1))
+        loss_m = (mask_loss(outputs, mask.expand(n, -1, -1), self.latent_hw) if cfg.reg_weight
+                  else torch.zeros(()))
+        self.update(loss_e + cfg.reg_weight * loss_m, tuple(attack_losses), samples=n)
         return IterationResult(self.iteration, concept, steps_done, int(t), loss_e.item(),
                                loss_m.item(), attack_losses, mask[0].cpu(), attention[0].cpu())
 
