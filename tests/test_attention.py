@@ -9,6 +9,7 @@ from receler.attention import (
     capture_cross_attention,
     concept_attention,
     default_mask_resolution,
+    guidance_map,
     layer_hw,
     resize_mask,
 )
@@ -97,3 +98,17 @@ def test_resize_mask_keeps_the_concept_when_shrinking():
 def test_missing_resolution_is_a_clear_error():
     with pytest.raises(ValueError, match=r"resolution 32.*\[4, 8\]"):
         concept_attention(synthetic_maps(), [1], (8, 8), resolution=32)
+
+
+def test_guidance_mask_marks_where_the_concept_changes_the_prediction():
+    e_uncond = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(0)) * 0.01
+    e_cond = e_uncond.clone()
+    e_cond[0, :, 8:, :6] += 1.0  # image 0: the concept acts on the lower left
+    e_cond[1, :, :4, 6:] -= 1.0  # image 1: on the upper right (the sign must not matter)
+    g = guidance_map(e_uncond, e_cond, resolution=4)
+    assert g.shape == (2, 4, 3)  # the latent's aspect ratio is kept
+    mask = binary_mask(g, 0.4)  # a pooled cell half covered by the concept scores ~0.5
+    expected = torch.zeros(2, 4, 3)
+    expected[0, 2:, :2] = 1  # rows 8-15 → pooled rows 2-3; columns 0-5 → pooled columns 0-1
+    expected[1, 0, 1:] = 1  # rows 0-3 → pooled row 0; columns 6-11 → pooled columns 1-2
+    assert torch.equal(mask, expected)

@@ -143,6 +143,16 @@ def concept_attention(
     return torch.stack(by_res[resolution], dim=0).mean(0)
 
 
+def guidance_map(e_uncond: torch.Tensor, e_cond: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Where the concept changes the frozen UNet's prediction: ``|ε(c) − ε(∅)|`` averaged over
+    channels and pooled to ``resolution`` rows, ``(B, h, w)``. A concept map for models whose
+    cross-attention does not single out the concept's pixels."""
+    diff = (e_cond.float() - e_uncond.float()).abs().mean(dim=1, keepdim=True)  # (B, 1, H, W)
+    h, w = diff.shape[-2:]
+    size = (resolution, max(1, round(resolution * w / h)))
+    return F.adaptive_avg_pool2d(diff, size).squeeze(1)
+
+
 def binary_mask(attention: torch.Tensor, threshold: float) -> torch.Tensor:
     """Min-max normalise each ``(h, w)`` map and threshold it: 1 = concept, 0 = elsewhere."""
     flat = attention.flatten(1)

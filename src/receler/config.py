@@ -31,6 +31,34 @@ def parse_concepts(text: str | list[str]) -> list[str]:
     return concepts
 
 
+MASK_SOURCES = ("attention", "guidance")
+MODEL_DEFAULTS_FILE = "receler_defaults.json"
+
+
+def model_erase_defaults(model: str | Path | None, method: str) -> dict[str, Any]:
+    """Training settings that a model folder recommends for ``method``.
+
+    They sit in the ``"erase"`` section of the folder's ``receler_defaults.json``, keyed by
+    method name or by family (``"receler"`` also covers the ``receler-*`` ablations, ``"esd"``
+    covers ``esd-x`` and ``esd-u``). Hub ids and folders without the file recommend nothing,
+    so SD models train with the papers' settings.
+    """
+    path = Path(model) / MODEL_DEFAULTS_FILE if model else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        section = json.loads(path.read_text()).get("erase", {})
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}; fix or delete the file") from None
+    settings = section.get(method, section.get(method.split("-")[0], {}))
+    known = {f.name for f in fields(TrainConfig)} - {"concepts"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"{path} recommends unknown training setting {unknown[0]!r} for "
+                         f"{method}; known settings are the flags of `receler erase`")
+    return dict(settings)
+
+
 @dataclass
 class TrainConfig:
     """Settings of ``receler erase``. Defaults follow the Receler paper."""
@@ -45,6 +73,10 @@ class TrainConfig:
     zt_reuse: int = _f(1, "iterations that draw z_t from one cached DDIM trajectory (1 = a "
                           "fresh partial trajectory every iteration, as in the paper)")
     reg_weight: float = _f(0.1, "weight of the concept-localised regularisation (0 = off)")
+    mask_source: str = _f(
+        "attention", "what the concept mask is made from: 'attention' (the frozen UNet's "
+        "cross-attention on the concept tokens, as in the paper) or 'guidance' (|ε(c) − ε(∅)| "
+        "of the frozen UNet, for models whose attention does not localise the concept)")
     mask_threshold: float = _f(0.1, "threshold of the min-max normalised attention mask")
     mask_resolution: int | None = _f(
         None, "attention resolution of the mask (default: latent/4 or the nearest one)")
@@ -74,6 +106,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0 or self.adv_lr <= 0:
             raise ValueError(f"learning rates must be positive, got lr={self.lr}, adv_lr={self.adv_lr}")
+        if self.mask_source not in MASK_SOURCES:
+            raise ValueError(f"mask_source must be one of {', '.join(MASK_SOURCES)}, "
+                             f"got {self.mask_source!r}")
         if not 0.0 <= self.mask_threshold <= 1.0:
             raise ValueError(f"mask_threshold must lie in [0, 1], got {self.mask_threshold}")
 
