@@ -77,6 +77,31 @@ def test_other_methods_take_their_published_defaults_unless_flags_say_otherwise(
     assert "no option 'nonsense'" in error_line(proc)
 
 
+def test_settings_the_model_recommends_apply_unless_flags_say_otherwise(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "receler_defaults.json").write_text(json.dumps(
+        {"erase": {"receler": {"lr": 0.002, "mask_source": "guidance"}, "esd": {"lr": 0.0005}}}))
+    out = tmp_path / "abl"
+    proc = receler("erase", "--model", model, "--concept", "car", "--out", out,
+                   "--method", "receler-eraser-reg", "--iterations", "1", "--lr", "0.001", *FAST)
+    assert "mask_source=guidance" in proc.stderr
+    train = json.loads((out / "eraser_config.json").read_text())["train"]
+    assert train["mask_source"] == "guidance"  # the family's recommendation reaches the ablation
+    assert train["lr"] == 0.001  # the flag wins over the recommended 0.002
+    out = tmp_path / "esd"
+    receler("erase", "--model", model, "--concept", "car", "--out", out, "--method", "esd-u",
+            "--iterations", "1", "--ddim-steps", "2")
+    assert json.loads((out / "eraser_config.json").read_text())["train"]["lr"] == 0.0005
+    (model / "receler_defaults.json").write_text(json.dumps({"erase": {"receler": {"lr_x": 1}}}))
+    proc = receler("erase", "--model", model, "--concept", "car", "--out", tmp_path / "bad",
+                   *FAST, check_code=2)
+    assert "unknown training setting 'lr_x'" in error_line(proc)
+
+
 def test_existing_erasers_are_refused_without_overwrite(tiny_model_dir, erased):
     before = (erased / ERASERS_FILE).read_bytes()
     proc = receler("erase", "--model", tiny_model_dir, "--concept", "car", "--out", erased,

@@ -130,14 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args, concepts: str, method: str = "receler"):
-    """TrainConfig from the flags given; flags left out take the method's published
-    defaults where it has them (ESD: lr 1e-5, 1000 iterations), else TrainConfig's."""
-    from .config import TrainConfig
+    """TrainConfig from the flags given. A flag left out takes, in this order: the setting
+    the model recommends in its ``receler_defaults.json`` (the toy model has some), the
+    method's published default (ESD: lr 1e-5, 1000 iterations), TrainConfig's default."""
+    from .config import TrainConfig, model_erase_defaults
     from .methods import get_method
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
              if f.name != "concepts" and getattr(args, f.name) is not None}
-    return TrainConfig(concepts=concepts, **{**get_method(method).paper_defaults, **given})
+    model = args.model
+    if model is None:
+        from .pipeline import default_model
+        model = default_model()
+    recommended = {k: v for k, v in model_erase_defaults(model, method).items() if k not in given}
+    if recommended:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(recommended.items()))
+        print(f"model's recommended {method} settings: {shown} (flags override them)",
+              file=sys.stderr)
+    return TrainConfig(concepts=concepts,
+                       **{**get_method(method).paper_defaults, **recommended, **given})
 
 
 def _method_options(pairs: list[str] | None) -> dict | None:
