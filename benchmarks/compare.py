@@ -6,7 +6,11 @@ attack results are shared by all methods of a concept. The table goes to
 ``benchmarks/results/compare.json`` (a list of rows) and ``compare.md``.
 
     python benchmarks/compare.py            # full: 3 concepts, every method, published recipe
-    python benchmarks/compare.py --quick    # one object concept, fewer images and iterations
+    python benchmarks/compare.py --quick    # one object concept, fewer images and attack steps
+
+Every method trains with its default settings for the model (on the toy model: the settings
+its ``receler_defaults.json`` recommends, else the paper's). ``--jobs 2`` runs two protocols
+at a time once the concept's base model has been measured; training times then share the CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +53,7 @@ def run_protocol(concept: str, method: str, out: Path, base: Path, flags: list[s
     return json.loads((out / "results.json").read_text()), usage.ru_maxrss / 1024
 
 
-def row(label: str, concept: str, res: dict, peak_mb: float) -> dict:
+def row(label: str, concept: str, res: dict, peak_mb: float | None) -> dict:
     train = res.get("train") or {}  # the method's stats from eraser_config.json
     passes = None
     if "unet_forward" in train:
@@ -60,7 +66,8 @@ def row(label: str, concept: str, res: dict, peak_mb: float) -> dict:
             "train_seconds": train.get("seconds"), "unet_passes": passes,
             "unet_forward": train.get("unet_forward"), "unet_backward": train.get("unet_backward"),
             "trainable_params": train.get("trainable_parameters"),
-            "overhead_ratio": res["overhead_ratio"], "peak_mem_mb": round(peak_mb, 1)}
+            "overhead_ratio": res["overhead_ratio"],
+            "peak_mem_mb": None if peak_mb is None else round(peak_mb, 1)}
 
 
 def base_row(concept: str, res: dict) -> dict:
@@ -89,47 +96,95 @@ def markdown(rows: list[dict], header: str) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="one concept, fewer images/iterations")
+    p.add_argument("--quick", action="store_true", help="one concept, fewer images and attack steps")
     p.add_argument("--concepts", default=None, help="comma-separated (default: star,heart,striped)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     p.add_argument("--model", default=None, help="default: the toy model")
     p.add_argument("--work", type=Path, default=Path("runs/benchmark"), help="run folders")
     p.add_argument("--out", type=Path, default=HERE / "results" / "compare.json")
-    p.add_argument("--no-published", action="store_true", help="skip the published recipe")
+    p.add_argument("--published", choices=["first", "all", "none"], default=None,
+                   help="run the published recipe for the first concept, every concept or none "
+                        "(default: all; with --quick: none)")
+    p.add_argument("--jobs", type=int, default=1, help="protocols run at a time")
+    p.add_argument("--collect", action="store_true",
+                   help="only rebuild the table from the run folders that finished")
     args = p.parse_args()
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
 
     if args.quick:
         concepts = (args.concepts or "star").split(",")
         flags = ["--per-class", "5", "--concept-rows", "10", "--attack-images", "6",
-                 "--attack-steps", "30", "--iterations", "100"]
+                 "--attack-steps", "30"]
     else:
         concepts = (args.concepts or "star,heart,striped").split(",")
         flags = []
+    published = args.published or ("none" if args.quick else "all")
     methods = args.methods.split(",")
     work = args.work / ("quick" if args.quick else "full")
-    rows, started = [], time.time()
-    for concept in concepts:
-        base = work / concept / "base"
+    results: dict[tuple[str, str], tuple[dict, float | None]] = {}
+    started = time.time()
+    lock = threading.Lock()
+
+    def folder(concept: str, label: str) -> Path:
+        return work / concept / label.replace(" ", "_").replace("(", "").replace(")", "")
+
+    order = []
+    for i, concept in enumerate(concepts):
         runs = [(m, m, []) for m in methods]
-        if not args.quick and not args.no_published:
-            runs.append((PUBLISHED["label"], PUBLISHED["method"], PUBLISHED["flags"]))
-        for label, method, extra in runs:
-            out = work / concept / label.replace(" ", "_").replace("(", "").replace(")", "")
-            t = time.time()
-            res, peak = run_protocol(concept, method, out, base, flags + extra, args.model)
-            if not any(r["concept"] == concept and r["method"].startswith("base") for r in rows):
-                rows.append(base_row(concept, res))
-            rows.append(row(label, concept, res, peak))
-            print(f"{concept:>10} {label:<28} H={fmt(res['h'])} Acc_E={fmt(res['acc_e'])} "
-                  f"soft={fmt(res['attack_success_soft'])} ({time.time() - t:.0f} s)", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    cmd = "python benchmarks/compare.py" + (" --quick" if args.quick else "")
-    header = (f"# Erasure methods side by side ({'quick' if args.quick else 'full'})\n\n"
-              f"`{cmd}`, {time.time() - started:.0f} s in all. unet_passes counts UNet forward "
-              "and backward passes per sample; overhead_ratio is the extra generation latency "
-              "of the edited model against the base model, measured interleaved in one process.")
-    args.out.with_suffix(".md").write_text(markdown(rows, header))
+        if published == "all" or (published == "first" and i == 0):
+            # the longest run early, so that it overlaps the others with --jobs > 1
+            runs.insert(1, (PUBLISHED["label"], PUBLISHED["method"], PUBLISHED["flags"]))
+        order.append((concept, runs))
+
+    def write() -> None:
+        """The table of every finished run so far (a killed benchmark keeps its rows)."""
+        rows, missing = [], []
+        for concept, runs in order:
+            done = [label for label, _, _ in runs if (concept, label) in results]
+            if done:
+                rows.append(base_row(concept, results[concept, done[0]][0]))
+            rows += [row(label, concept, *results[concept, label]) for label in done]
+            missing += [f"{concept}/{label}" for label, _, _ in runs if label not in done]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        cmd = "python " + " ".join(["benchmarks/compare.py", *sys.argv[1:]])
+        header = (f"# Erasure methods side by side ({'quick' if args.quick else 'full'})\n\n"
+                  f"`{cmd}`" + (", collected from the run folders" if args.collect else
+                                f", {time.time() - started:.0f} s so far") + ". unet_passes counts UNet "
+                  "forward and backward passes per sample; overhead_ratio is the extra "
+                  "generation latency of the edited model against the base model, measured "
+                  "interleaved in one process.")
+        if missing:
+            header += f"\n\nNot finished: {', '.join(missing)}."
+        args.out.with_suffix(".md").write_text(markdown(rows, header))
+
+    def one(concept: str, label: str, method: str, extra: list[str]) -> None:
+        out, t = folder(concept, label), time.time()
+        res, peak = run_protocol(concept, method, out, work / concept / "base", flags + extra,
+                                 args.model)
+        (out / "peak_mem_mb.txt").write_text(f"{peak:.1f}\n")
+        with lock:
+            results[concept, label] = res, peak
+            write()
+        print(f"{concept:>10} {label:<28} H={fmt(res['h'])} Acc_E={fmt(res['acc_e'])} "
+              f"soft={fmt(res['attack_success_soft'])} ({time.time() - t:.0f} s)", flush=True)
+
+    if args.collect:  # rebuild the table from finished run folders, run nothing
+        for concept, runs in order:
+            for label, _, _ in runs:
+                out = folder(concept, label)
+                if (out / "results.json").is_file():
+                    peak_file = out / "peak_mem_mb.txt"
+                    peak = float(peak_file.read_text()) if peak_file.is_file() else None
+                    results[concept, label] = json.loads((out / "results.json").read_text()), peak
+        write()
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for concept, runs in order:
+                one(concept, *runs[0])  # alone: it measures the base model the rest share
+                for f in [pool.submit(one, concept, *r) for r in runs[1:]]:
+                    f.result()
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
