@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "EraserConfig": "config", "TrainConfig": "config",
+    "EraserConfig": "config", "TrainConfig": "config", "model_erase_defaults": "config",
     "Eraser": "erasers", "attach_erasers": "erasers", "erasers_disabled": "erasers",
     "get_erasers": "erasers", "remove_erasers": "erasers", "set_erasers_enabled": "erasers",
     "SamplerSettings": "sampling", "compare": "sampling", "generate": "sampling",
