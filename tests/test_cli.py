@@ -113,6 +113,7 @@ def test_existing_erasers_are_refused_without_overwrite(tiny_model_dir, erased):
 @pytest.mark.parametrize(("args", "message"), [
     (["--concept", " , "], "empty concept"),
     (["--concept", "car", "--iterations", "0"], "iterations must be positive"),
+    (["--concept", "car", "--mask-source", "nope"], "mask_source must be one of"),
 ])
 def test_bad_settings_exit_with_one_line(tiny_model_dir, tmp_path, args, message):
     proc = receler("erase", "--model", tiny_model_dir, "--out", tmp_path / "o", *args,

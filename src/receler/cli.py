@@ -31,7 +31,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         if f.name == "concepts":
             continue
         kind = hints[f.name]
-        conv = {int: int, float: float}.get(kind, int if "int" in str(kind) else float)
+        conv = {int: int, float: float, str: str}.get(kind, int if "int" in str(kind) else float)
         p.add_argument("--" + f.name.replace("_", "-"), type=conv, default=None,
                        help=f"{f.metadata['help']} (default: {f.default})")
 
