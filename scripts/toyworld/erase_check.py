@@ -23,7 +23,7 @@ import torch
 
 
 def main() -> int:
-    from receler.config import TrainConfig, model_erase_defaults
+    from receler.cli import _add_train_flags, _train_config
     from receler.eval.detectors import get_detector
     from receler.eval.prompts import read_prompts
     from receler.methods import erase_with, method_config
@@ -38,18 +38,12 @@ def main() -> int:
     p.add_argument("--model", default=None, help="default: the shipped toy model")
     p.add_argument("--work", type=Path, default=Path("runs/erase-check"))
     p.add_argument("--threads", type=int, default=1)
-    for f in fields(TrainConfig):
-        if f.name != "concepts":
-            kind = int if f.name == "mask_resolution" else type(f.default)
-            p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
+    _add_train_flags(p)  # the flags of `receler erase`
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = args.model or default_model()
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-             if f.name != "concepts" and getattr(args, f.name) is not None}
-    settings = {**model_erase_defaults(model, args.method), **given}
-    config = method_config(args.method, TrainConfig(concepts=[args.concept], **settings))
+    model = args.model = args.model or default_model()
+    config = method_config(args.method, _train_config(args, args.concept, args.method))
     pipe = load_pipeline(model, device="cpu")
     out = args.work / args.name
     t = time.time()
@@ -73,6 +67,7 @@ def main() -> int:
     kept = [scores[32 + i][c] >= detector.threshold
             for i, c in enumerate(c for c in others for _ in range(3))]
     n_p = len(para)
+    settings = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "concepts"}
     result = {"name": args.name, "method": args.method, "settings": settings,
               "train_s": round(train_s), "acc_e": sum(hit[:16]) / 16,
               "acc_r": sum(hit[16:16 + n_p]) / max(n_p, 1), "acc_l": sum(kept) / len(kept)}

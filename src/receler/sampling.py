@@ -12,11 +12,10 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .config import MODEL_DEFAULTS_FILE
 from .erasers import erasers_disabled
 from .pipeline import latent_shape
 from .viz import image_grid
-
-DEFAULTS_FILE = "receler_defaults.json"
 
 
 @dataclass
@@ -32,7 +31,7 @@ class SamplerSettings:
     def for_model(cls, model_path: str | Path | None) -> SamplerSettings:
         """The model's own defaults when its folder has ``receler_defaults.json`` (keys as in
         a pipeline call: ``num_inference_steps``, ``guidance_scale``, ``height``, ``width``)."""
-        path = Path(model_path) / DEFAULTS_FILE if model_path else None
+        path = Path(model_path) / MODEL_DEFAULTS_FILE if model_path else None
         if path is None or not path.is_file():
             return cls()
         d = json.loads(path.read_text())
