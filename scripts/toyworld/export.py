@@ -1,6 +1,6 @@
 """Export the EMA weights of the latest UNet checkpoint as the shipped toy pipeline.
 
-    python scripts/toyworld/export.py [--steps 20 --guidance 5.0]
+    python scripts/toyworld/export.py [--steps 20 --guidance 7.5]
 
 Assembles VAE + tokenizer (from train_vae.py / train_unet.py outputs) + EMA UNet and text
 encoder into a StableDiffusionPipeline, saves it with save_pretrained (fp32 safetensors)
@@ -15,10 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CACHE  # noqa: E402
+from common import CACHE, load_checkpoint, unprefixed  # noqa: E402
 
 from receler.toyworld.model import (  # noqa: E402
     PIPELINE_DIR,
@@ -37,9 +35,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--out", type=Path, default=CACHE, help="training folder (vae/, unet_ckpt.pt)")
     ap.add_argument(
-        "--ckpt", type=Path, default=None, help="UNet checkpoint (default <out>/unet_ckpt.pt)"
+        "--out", type=Path, default=CACHE, help="training folder (vae/, unet_ckpt.safetensors)"
+    )
+    ap.add_argument(
+        "--ckpt",
+        type=Path,
+        default=None,
+        help="UNet checkpoint (default <out>/unet_ckpt.safetensors)",
     )
     ap.add_argument("--dest", type=Path, default=PIPELINE_DIR, help="pipeline folder to write")
     ap.add_argument(
@@ -57,10 +60,10 @@ def main() -> None:
 
     vae = AutoencoderKL.from_pretrained(args.out / "vae")
     tok = build_tokenizer(args.out / "tokenizer")
-    ck = torch.load(args.ckpt or args.out / "unet_ckpt.pt", weights_only=False, map_location="cpu")
+    tensors, ck = load_checkpoint(args.ckpt or args.out / "unet_ckpt.safetensors")
     unet, text = build_unet(UNetConfig()), build_text_encoder(tok, TextConfig())
-    unet.load_state_dict(ck["unet" if args.no_ema else "ema_unet"])
-    text.load_state_dict(ck["text" if args.no_ema else "ema_text"])
+    unet.load_state_dict(unprefixed(tensors, "unet" if args.no_ema else "ema_unet"))
+    text.load_state_dict(unprefixed(tensors, "text" if args.no_ema else "ema_text"))
     pipe = assemble_pipeline(vae, unet, text, tok)
     tmp = args.dest.with_name(args.dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CACHE, atomic_save, load_dataset, rng_state, seed_all, set_rng_state  # noqa: E402
+from common import (  # noqa: E402
+    CACHE,
+    cached_tensor,
+    has_checkpoint,
+    load_checkpoint,
+    load_dataset,
+    restore_training_state,
+    save_checkpoint,
+    seed_all,
+    training_state,
+)
 
 from receler.toyworld.detector import DETECTOR_DIR, DetectorConfig, ToyDetector, save_detector  # noqa: E402
 from receler.toyworld.vocab import CLASSES, STYLES  # noqa: E402
@@ -122,16 +132,14 @@ def main() -> None:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(args.out / "vae").eval()
-        rec_path = args.out / f"detector_recon_{args.n_recon}.pt"
-        if rec_path.is_file():
-            x_rec = torch.load(rec_path, weights_only=True)
-        else:
-            x_rec = (
+        x_rec = cached_tensor(
+            args.out / f"detector_recon_{args.n_recon}.safetensors",
+            lambda: (
                 (reconstruct(vae, x_all[: args.n_recon].float() / 255) * 255)
                 .round()
                 .to(torch.uint8)
-            )
-            atomic_save(x_rec, rec_path)
+            ),
+        )
         x_test_rec = reconstruct(vae, x_test)
 
     det = ToyDetector(DetectorConfig()).to(dev)
@@ -140,15 +148,12 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1
     )
-    ckpt_path = args.out / "detector_ckpt.pt"
+    ckpt_path = args.out / "detector_ckpt.safetensors"
     step = 0
-    if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
-        det.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        set_rng_state(ck["rng"])
-        step = ck["step"]
+    if has_checkpoint(ckpt_path):
+        tensors, meta = load_checkpoint(ckpt_path)
+        restore_training_state(tensors, meta, {"model": det}, opt, sched)
+        step = meta["step"]
     t0 = time.time()
     pbar = tqdm(
         range(step, args.steps), initial=step, total=args.steps, desc="detector", mininterval=5
@@ -170,16 +175,7 @@ def main() -> None:
         sched.step()
         pbar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % 500 == 0 or step + 1 == args.steps:
-            atomic_save(
-                {
-                    "model": det.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "rng": rng_state(),
-                    "step": step + 1,
-                },
-                ckpt_path,
-            )
+            save_checkpoint(ckpt_path, *training_state({"model": det}, opt, sched, step=step + 1))
     train_s = time.time() - t0
     det = det.cpu().eval()
     report = {

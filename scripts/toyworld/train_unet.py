@@ -6,7 +6,7 @@ Needs the VAE from train_vae.py. Captions are drawn afresh from each scene's gro
 (class word or synonym, with or without colour), dropped to "" with probability
 ``--cfg-drop`` so classifier-free guidance works. The loss is eps-prediction MSE with
 min-SNR weighting; EMA weights of both models are kept and used for samples and export.
-Resumable: re-running continues from <out>/unet_ckpt.pt (written atomically).
+Resumable: re-running continues from <out>/unet_ckpt.safetensors (written atomically).
 """
 
 from __future__ import annotations
@@ -27,12 +27,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     CACHE,
     COLOUR_NAMES,
-    atomic_save,
+    cached_tensor,
+    has_checkpoint,
+    jsonable,
+    load_checkpoint,
     load_dataset,
-    rng_state,
+    python_rng_json,
+    python_rng_state,
+    restore_training_state,
+    save_checkpoint,
     save_grid,
     seed_all,
-    set_rng_state,
+    training_state,
 )
 
 from receler.toyworld.model import (  # noqa: E402
@@ -176,12 +182,10 @@ def main() -> None:
     vae = AutoencoderKL.from_pretrained(args.out / "vae").to(dev).eval().requires_grad_(False)
     tok = build_tokenizer(args.out / "tokenizer")
     data = load_dataset("train", args.n_images)
-    lat_path = args.out / f"latents_train_{args.n_images}.pt"
-    if lat_path.is_file():
-        latents = torch.load(lat_path, weights_only=True)
-    else:
-        latents = encode_latents(vae, data["images"], dev)
-        atomic_save(latents, lat_path)
+    latents = cached_tensor(
+        args.out / f"latents_train_{args.n_images}.safetensors",
+        lambda: encode_latents(vae, data["images"], dev),
+    )
     print(f"latents {tuple(latents.shape)} std {latents[:4096].float().std():.3f}")
 
     unet = build_unet(UNetConfig()).to(
@@ -202,22 +206,14 @@ def main() -> None:
     noise_sched = build_scheduler()
     alphas = noise_sched.alphas_cumprod.to(dev)  # (T,)
     captions = CaptionSampler(tok, data, args.seed, args.cfg_drop)
-    ckpt_path = args.out / "unet_ckpt.pt"
+    models = {"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text}
+    ckpt_path = args.out / "unet_ckpt.safetensors"
     step, trained_s = 0, 0.0
-    if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
-        for m, k in [
-            (unet, "unet"),
-            (text, "text"),
-            (ema_unet, "ema_unet"),
-            (ema_text, "ema_text"),
-        ]:
-            m.load_state_dict(ck[k])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        set_rng_state(ck["rng"])
-        captions.rng.setstate(ck["caption_rng"])
-        step, trained_s = ck["step"], ck["trained_s"]
+    if has_checkpoint(ckpt_path):
+        tensors, meta = load_checkpoint(ckpt_path)
+        restore_training_state(tensors, meta, models, opt, sched)
+        captions.rng.setstate(python_rng_state(meta["caption_rng"]))
+        step, trained_s = meta["step"], meta["trained_s"]
         sched.base_lrs = [args.lr] * len(sched.base_lrs)  # --lr applies to resumed runs too
         print(f"resumed at step {step} ({trained_s / 3600:.2f} h trained), peak lr {args.lr:g}")
     n_u = sum(p.numel() for p in unet.parameters())
@@ -225,22 +221,16 @@ def main() -> None:
     print(f"UNet {n_u / 1e6:.2f}M params, text encoder {n_t / 1e6:.2f}M params")
 
     def save(step: int) -> None:
-        atomic_save(
-            {
-                "unet": unet.state_dict(),
-                "text": text.state_dict(),
-                "ema_unet": ema_unet.state_dict(),
-                "ema_text": ema_text.state_dict(),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-                "rng": rng_state(),
-                "caption_rng": captions.rng.getstate(),
-                "step": step,
-                "trained_s": trained_s,
-                "args": vars(args),
-            },
-            ckpt_path,
+        tensors, meta = training_state(
+            models,
+            opt,
+            sched,
+            caption_rng=python_rng_json(captions.rng.getstate()),
+            step=step,
+            trained_s=trained_s,
+            args=jsonable(vars(args)),
         )
+        save_checkpoint(ckpt_path, tensors, meta)
 
     t_start = time.time()
     t_last = t_start

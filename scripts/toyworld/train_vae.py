@@ -2,8 +2,9 @@
 
     python scripts/toyworld/train_vae.py --steps 1200
 
-Resumable: re-running continues from <out>/vae_ckpt.pt. Writes <out>/vae/ (save_pretrained,
-with the latent ``scaling_factor`` set to 1/std of the latents) and reconstruction grids.
+Resumable: re-running continues from <out>/vae_ckpt.safetensors. Writes <out>/vae/
+(save_pretrained, with the latent ``scaling_factor`` set to 1/std of the latents) and
+reconstruction grids.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     CACHE,
-    atomic_save,
+    has_checkpoint,
+    load_checkpoint,
     load_dataset,
-    rng_state,
+    restore_training_state,
+    save_checkpoint,
     save_grid,
     seed_all,
-    set_rng_state,
     to_uint8,
+    training_state,
 )
 
 from receler.toyworld.model import VAEConfig, build_vae  # noqa: E402
@@ -60,15 +63,12 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05
     )
-    ckpt_path = args.out / "vae_ckpt.pt"
+    ckpt_path = args.out / "vae_ckpt.safetensors"
     step = 0
-    if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
-        vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        set_rng_state(ck["rng"])
-        step = ck["step"]
+    if has_checkpoint(ckpt_path):
+        tensors, meta = load_checkpoint(ckpt_path)
+        restore_training_state(tensors, meta, {"model": vae}, opt, sched)
+        step = meta["step"]
         print(f"resumed at step {step}")
     print(f"VAE params: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M")
 
@@ -105,16 +105,7 @@ def main() -> None:
                 np.concatenate([to_uint8(xv), to_uint8(rv)]),
                 args.out / "samples" / f"vae_{step + 1:05d}.png",
             )
-            atomic_save(
-                {
-                    "model": vae.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "rng": rng_state(),
-                    "step": step + 1,
-                },
-                ckpt_path,
-            )
+            save_checkpoint(ckpt_path, *training_state({"model": vae}, opt, sched, step=step + 1))
 
     # Latent scale: SD multiplies latents by 1/std so they have unit variance.
     vae.eval()
