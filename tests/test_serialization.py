@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from diffusers import UNet2DConditionModel
 
 from receler import EraserConfig, attach_erasers, get_erasers, load_erasers, save_erasers
 from receler.sampling import SamplerSettings, generate
-from receler.serialization import CONFIG_FILE, ERASERS_FILE
+from receler.serialization import CONFIG_FILE, ERASERS_FILE, save_tensors
 
 
 def images(pipe):
@@ -85,3 +87,14 @@ def test_no_temporary_files_are_left(tmp_path):
     attach_erasers(unet, rank=4)
     save_erasers(unet, tmp_path, EraserConfig())
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_FILE, ERASERS_FILE]
+
+
+def test_saved_files_get_the_umask_mode_not_a_private_one(tmp_path):
+    """Files are written through a temporary file; mkstemp creates it 0600, which would
+    leave eraser files unreadable to the rest of a team sharing them."""
+    old = os.umask(0o022)
+    try:
+        save_tensors(tmp_path / "t.safetensors", {"x": torch.zeros(2)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "t.safetensors").stat().st_mode) == 0o644
