@@ -85,7 +85,7 @@ class SamplerDefaults:
     """Default sampler settings of the shipped pipeline (saved as receler_defaults.json)."""
 
     num_inference_steps: int = 20  # DDIM steps
-    guidance_scale: float = 5.0  # classifier-free guidance scale
+    guidance_scale: float = 7.5  # classifier-free guidance scale (as the shipped model)
     height: int = 32  # image height, pixels
     width: int = 32  # image width, pixels
 
