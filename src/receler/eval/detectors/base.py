@@ -94,3 +94,16 @@ def indices_by_size(images: list[Image.Image]) -> list[list[int]]:
     for i, im in enumerate(images):
         groups.setdefault(im.size, []).append(i)
     return list(groups.values())
+
+
+def model_and_processor(model, processor, model_cls, processor_cls, what: str, device,
+                        **from_pretrained_kwargs):
+    """A transformers model and its processor, in eval mode on ``device``: loaded with
+    ``from_pretrained`` when ``model`` is a hub id or folder, else ``model`` as given (then
+    ``processor`` is required)."""
+    if isinstance(model, str):
+        processor = processor or processor_cls.from_pretrained(model, **from_pretrained_kwargs)
+        model = model_cls.from_pretrained(model, **from_pretrained_kwargs)
+    elif processor is None:
+        raise ValueError(f"Pass processor= together with a loaded {what} model.")
+    return model.to(device).eval(), processor

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from receler.eval.detectors.base import batches
+from receler.eval.detectors.base import batches, model_and_processor
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
@@ -43,15 +43,10 @@ class ClipScoreDetector:
         """
         if not 0.0 < threshold <= 100.0:
             raise ValueError(f"threshold must be a CLIP score in (0, 100], got {threshold}.")
-        if isinstance(model, str):
-            from transformers import CLIPModel, CLIPProcessor
+        from transformers import CLIPModel, CLIPProcessor
 
-            processor = processor or CLIPProcessor.from_pretrained(model, **from_pretrained_kwargs)
-            model = CLIPModel.from_pretrained(model, **from_pretrained_kwargs)
-        elif processor is None:
-            raise ValueError("Pass processor= together with a loaded CLIP model.")
-        self.model = model.to(device).eval()
-        self.processor = processor
+        self.model, self.processor = model_and_processor(
+            model, processor, CLIPModel, CLIPProcessor, "CLIP", device, **from_pretrained_kwargs)
         self.device = torch.device(device)
         self.threshold = threshold
         self.batch_size = batch_size

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from receler.eval.detectors.base import batches, indices_by_size
+from receler.eval.detectors.base import batches, indices_by_size, model_and_processor
 
 DEFAULT_GROUNDING_DINO = "IDEA-Research/grounding-dino-tiny"
 
@@ -57,17 +57,11 @@ class GroundingDinoDetector:
         for name, v in (("box_threshold", box_threshold), ("text_threshold", text_threshold)):
             if not 0.0 < v < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {v}.")
-        if isinstance(model, str):
-            from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-            processor = processor or AutoProcessor.from_pretrained(model, **from_pretrained_kwargs)
-            model = AutoModelForZeroShotObjectDetection.from_pretrained(
-                model, **from_pretrained_kwargs
-            )
-        elif processor is None:
-            raise ValueError("Pass processor= together with a loaded GroundingDINO model.")
-        self.model = model.to(device).eval()
-        self.processor = processor
+        self.model, self.processor = model_and_processor(
+            model, processor, AutoModelForZeroShotObjectDetection, AutoProcessor, "GroundingDINO",
+            device, **from_pretrained_kwargs)
         self.device = torch.device(device)
         self.threshold = box_threshold
         self.text_threshold = text_threshold
