@@ -47,8 +47,10 @@ def _loosened(bar: float, n: int, *, upper: bool = False) -> float:
 
 @pytest.fixture(scope="module")
 def shipped():
-    torch.set_num_threads(2)
-    return _shipped()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the module's generation is the suite's slowest part
+    yield _shipped()
+    torch.set_num_threads(threads)  # the other modules keep conftest's one thread
 
 
 def test_detector_accuracy_on_fresh_renders(shipped):
