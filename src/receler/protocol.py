@@ -183,15 +183,17 @@ class Protocol:
             cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
         return result
 
-    def latency(self, pipe, repeats: int = 3, n: int = 4) -> dict:
+    def latency(self, pipe, repeats: int = 6, n: int = 4) -> dict:
         """Median seconds to generate ``n`` images with the edit on and off, interleaved in the
-        same process so that machine load affects both alike."""
+        same process so that machine load affects both alike, in ABBA order so that neither
+        always runs first."""
         from .methods import edit_disabled
 
         prompts, seeds = [self.concept_prompt()] * n, list(range(n))
         times: dict[str, list[float]] = {"base": [], "erased": []}
-        for _ in range(repeats):
-            for which in ("base", "erased"):
+        generate(pipe, prompts, seeds, settings=self.settings, batch_size=n)  # warm-up
+        for r in range(repeats):
+            for which in (("base", "erased") if r % 2 == 0 else ("erased", "base")):
                 ctx = edit_disabled(pipe) if which == "base" else nullcontext()
                 with ctx:
                     start = time.perf_counter()
