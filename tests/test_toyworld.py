@@ -171,3 +171,17 @@ def test_shipped_prompt_files_match_generators(tmp_path):
         assert prompt_file(name).read_text() == fresh[name].read_text(), (
             f"re-run scripts/toyworld/make_prompts.py ({name})"
         )
+
+
+def test_shipped_model_records_the_recommended_settings():
+    """The shipped receler_defaults.json is what save_pipeline would write today: the
+    sampler defaults and the erase recommendations in toyworld/model.py."""
+    import json
+    from dataclasses import asdict
+
+    try:
+        path = tw_model.default_model_path() / "receler_defaults.json"
+    except FileNotFoundError:
+        pytest.skip("toy weights not shipped in this checkout")
+    shipped = json.loads(path.read_text())
+    assert shipped == {**asdict(tw_model.SamplerDefaults()), "erase": tw_model.ERASE_DEFAULTS}

@@ -96,7 +96,8 @@ class SamplerDefaults:
 # cross-attention on the concept token is low on the object and high on the background, so
 # the regulariser's mask comes from |ε(c) − ε(∅)| instead.
 ERASE_DEFAULTS: dict[str, dict] = {
-    "receler": {"lr": 3e-3, "iterations": 150, "mask_source": "guidance", "reg_weight": 5.0},
+    "receler": {"lr": 3e-3, "iterations": 300, "ddim_steps": 20, "mask_source": "guidance",
+                "reg_weight": 5.0},
     "esd": {"lr": 1e-4, "iterations": 150},
 }
 
