@@ -31,14 +31,17 @@ METHODS = ["receler", "receler-eraser-only", "receler-eraser-reg", "receler-eras
 COLUMNS = ["method", "concept", "acc_e", "acc_r", "acc_l", "h", "attack_success_soft",
            "two_object_locality", "train_seconds", "unet_passes", "trainable_params",
            "overhead_ratio", "peak_mem_mb"]
-# The published Receler recipe's compute: 500 iterations × 50 inner adversarial steps.
+# The published Receler recipe's compute: 500 iterations × 50 inner adversarial steps, z_t
+# sampled with 50 DDIM steps (the model's other recommended settings still apply).
 PUBLISHED = {"label": "receler (published recipe)", "method": "receler",
-             "flags": ["--iterations", "500", "--adv-steps", "50"]}
+             "flags": ["--iterations", "500", "--adv-steps", "50", "--ddim-steps", "50"]}
 
 
 def run_protocol(concept: str, method: str, out: Path, base: Path, flags: list[str],
-                 model: str | None) -> tuple[dict, float]:
-    """One protocol run in a child process; returns its results and peak RSS in MB."""
+                 model: str | None, threads: int) -> tuple[dict, float]:
+    """One protocol run in a child process with ``threads`` torch threads (unless
+    OMP_NUM_THREADS is set); returns its results and peak RSS in MB."""
+    env = {"OMP_NUM_THREADS": str(threads), **os.environ}
     cmd = [sys.executable, "-m", "receler", "protocol", "--concept", concept, "--method", method,
            "--out", str(out), "--base-dir", str(base), *flags]
     if model:
@@ -46,7 +49,7 @@ def run_protocol(concept: str, method: str, out: Path, base: Path, flags: list[s
     log = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed; see {log}")
@@ -111,6 +114,9 @@ def main() -> int:
     args = p.parse_args()
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
+    # Jobs share the cores instead of each taking all of them (oversubscribed threads made
+    # the interleaved latency measurement noise).
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
     if args.quick:
         concepts = (args.concepts or "star").split(",")
@@ -162,7 +168,7 @@ def main() -> int:
     def one(concept: str, label: str, method: str, extra: list[str]) -> None:
         out, t = folder(concept, label), time.time()
         res, peak = run_protocol(concept, method, out, work / concept / "base", flags + extra,
-                                 args.model)
+                                 args.model, threads)
         (out / "peak_mem_mb.txt").write_text(f"{peak:.1f}\n")
         with lock:
             results[concept, label] = res, peak
