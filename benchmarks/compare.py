@@ -29,8 +29,8 @@ HERE = Path(__file__).resolve().parent
 METHODS = ["receler", "receler-eraser-only", "receler-eraser-reg", "receler-eraser-adv",
            "esd-x", "esd-u", "uce", "sld"]
 COLUMNS = ["method", "concept", "acc_e", "acc_r", "acc_l", "h", "attack_success_soft",
-           "two_object_locality", "train_seconds", "unet_passes", "trainable_params",
-           "overhead_ratio", "peak_mem_mb"]
+           "two_object_locality", "pixel_change_others", "train_seconds", "unet_passes",
+           "trainable_params", "overhead_ratio", "peak_mem_mb"]
 # The published Receler recipe's compute: 500 iterations × 50 inner adversarial steps, z_t
 # sampled with 50 DDIM steps (the model's other recommended settings still apply).
 PUBLISHED = {"label": "receler (published recipe)", "method": "receler",
@@ -56,6 +56,38 @@ def run_protocol(concept: str, method: str, out: Path, base: Path, flags: list[s
     return json.loads((out / "results.json").read_text()), usage.ru_maxrss / 1024
 
 
+def pixel_change_others(res: dict) -> float | None:
+    """Mean |base − edited| of the RGB values (0-1) over the simple-prompt images of the
+    other classes, same seeds: what the class detector does not see (colours, sizes, poses).
+    0 = those images did not change at all."""
+    import numpy as np
+    from PIL import Image
+
+    from receler.eval.prompts import read_prompts
+    from receler.protocol import PromptSets
+
+    sets = PromptSets.toy()
+    if res.get("model") and Path(res["model"]).resolve() != Path(_default_model()).resolve():
+        return None  # another model's prompt files are not known here
+    others = {f"{r.case_number}_0.png" for r in read_prompts(sets.simple)
+              if r.class_name != res["concept"]}
+    base = Path(res["base_images"]) / "simple"
+    edited = Path(res["config"]["out"]) / "images" / "erased" / "simple"
+    names = sorted(n for n in others if (base / n).is_file() and (edited / n).is_file())
+    if not names:
+        return None
+    diffs = [np.abs(np.asarray(Image.open(base / n).convert("RGB"), np.float32)
+                    - np.asarray(Image.open(edited / n).convert("RGB"), np.float32)).mean() / 255
+             for n in names]
+    return float(np.mean(diffs))
+
+
+def _default_model() -> str:
+    from receler.pipeline import default_model
+
+    return str(default_model())
+
+
 def row(label: str, concept: str, res: dict, peak_mb: float | None) -> dict:
     train = res.get("train") or {}  # the method's stats from eraser_config.json
     passes = None
@@ -66,6 +98,7 @@ def row(label: str, concept: str, res: dict, peak_mb: float | None) -> dict:
             "attack_success_soft": res["attack_success_soft"],
             "attack_success_discrete": res["attack_success_discrete"],
             "two_object_locality": res.get("two_object_locality"),
+            "pixel_change_others": pixel_change_others(res),
             "train_seconds": train.get("seconds"), "unet_passes": passes,
             "unet_forward": train.get("unet_forward"), "unet_backward": train.get("unet_backward"),
             "trainable_params": train.get("trainable_parameters"),
@@ -79,7 +112,8 @@ def base_row(concept: str, res: dict) -> dict:
             "acc_r": b["acc_r"], "acc_l": b["acc_l"], "h": b["h"],
             "attack_success_soft": b["attack_success_soft"],
             "attack_success_discrete": b["attack_success_discrete"],
-            "two_object_locality": b.get("two_object_locality"), "train_seconds": 0,
+            "two_object_locality": b.get("two_object_locality"), "pixel_change_others": 0.0,
+            "train_seconds": 0,
             "unet_passes": 0, "trainable_params": 0, "overhead_ratio": 0.0, "peak_mem_mb": None}
 
 
