@@ -12,9 +12,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..config import MODEL_DEFAULTS_FILE
+
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyworld"
 PIPELINE_DIR = ASSET_DIR / "pipeline"
-DEFAULTS_FILE = "receler_defaults.json"
 
 
 @dataclass
@@ -182,7 +183,7 @@ def save_pipeline(
     if fp16:
         pipe.to(torch.float32)
     d = {**asdict(defaults or SamplerDefaults()), "erase": ERASE_DEFAULTS}
-    (folder / DEFAULTS_FILE).write_text(json.dumps(d, indent=2, sort_keys=True), encoding="utf-8")
+    (folder / MODEL_DEFAULTS_FILE).write_text(json.dumps(d, indent=2, sort_keys=True), encoding="utf-8")
     return folder
 
 
@@ -204,7 +205,7 @@ def default_sampler_settings(path: str | Path | None = None) -> dict:
     """Sampler settings recorded beside a toy pipeline (``num_inference_steps``, ``guidance_scale``,
     ``height``, ``width``); defaults to the shipped pipeline."""
     folder = Path(path) if path is not None else default_model_path()
-    f = folder / DEFAULTS_FILE
+    f = folder / MODEL_DEFAULTS_FILE
     keys = asdict(SamplerDefaults())
     if f.is_file():
         saved = json.loads(f.read_text(encoding="utf-8"))
