@@ -66,10 +66,9 @@ def pixel_change_others(res: dict) -> float | None:
     from receler.eval.prompts import read_prompts
     from receler.protocol import PromptSets
 
-    sets = PromptSets.toy()
-    if res.get("model") and Path(res["model"]).resolve() != Path(_default_model()).resolve():
-        return None  # another model's prompt files are not known here
-    others = {f"{r.case_number}_0.png" for r in read_prompts(sets.simple)
+    given = res["config"].get("prompts")  # the prompt files the protocol used (None = toy)
+    simple = Path(given["simple"]) if given else PromptSets.toy().simple
+    others = {f"{r.case_number}_0.png" for r in read_prompts(simple)
               if r.class_name != res["concept"]}
     base = Path(res["base_images"]) / "simple"
     edited = Path(res["config"]["out"]) / "images" / "erased" / "simple"
@@ -80,12 +79,6 @@ def pixel_change_others(res: dict) -> float | None:
                     - np.asarray(Image.open(edited / n).convert("RGB"), np.float32)).mean() / 255
              for n in names]
     return float(np.mean(diffs))
-
-
-def _default_model() -> str:
-    from receler.pipeline import default_model
-
-    return str(default_model())
 
 
 def row(label: str, concept: str, res: dict, peak_mb: float | None) -> dict:

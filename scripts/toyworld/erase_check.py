@@ -29,6 +29,7 @@ def main() -> int:
     from receler.methods import erase_with, method_config
     from receler.pipeline import default_model, load_pipeline
     from receler.sampling import SamplerSettings, generate
+    from receler.toyworld import prompt_file
     from receler.viz import image_grid
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -50,9 +51,7 @@ def main() -> int:
     erase_with(args.method, pipe, config, out, overwrite=True)
     train_s = time.time() - t
 
-    from importlib.resources import files
-
-    para = [r for r in read_prompts(Path(str(files("receler") / "data" / "toy_paraphrase.csv")))
+    para = [r for r in read_prompts(prompt_file("paraphrase"))
             if r.class_name == args.concept][:16]
     detector = get_detector("toy")
     others = [c for c in detector.detector.classes if c != args.concept]
