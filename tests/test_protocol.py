@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -70,6 +71,14 @@ def test_protocol_runs_every_stage_and_writes_results(tiny_model_dir, prompt_set
     Protocol(cfg, show_progress=False).run()
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "images").rglob("*.png")}
     assert before == after
+
+    # Other settings in the same folder would report the old erasers' numbers: refused.
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, iterations=4))
+    with pytest.raises(ValueError, match="iterations=3, not 4"):
+        Protocol(changed, show_progress=False).erase(pipe=None)
+    other = dataclasses.replace(cfg, method="receler-eraser-reg")
+    with pytest.raises(ValueError, match="method 'receler', not 'receler-eraser-reg'"):
+        Protocol(other, show_progress=False).erase(pipe=None)
 
 
 def test_report_tables_show_base_and_erased(tmp_path):

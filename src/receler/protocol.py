@@ -37,7 +37,7 @@ from .eval.metrics import (
 from .eval.prompts import PromptRow, read_prompts
 from .pipeline import default_model, load_pipeline
 from .sampling import SamplerSettings, generate, generate_prompt_file
-from .serialization import CHECKPOINT_FILE, CONFIG_FILE
+from .serialization import CHECKPOINT_FILE, CONFIG_FILE, read_tensors
 from .viz import image_grid
 
 logger = logging.getLogger(__name__)
@@ -204,8 +204,20 @@ class Protocol:
 
     def erase(self, pipe) -> None:
         from .methods import erase_with, load_edit
+        from .methods.edits import EditConfig
+        from .methods.registry import settings_mismatch
 
         out = self.cfg.out / "erasers"
+        saved = None  # what an earlier run of this protocol left: finished or checkpointed
+        if (out / CONFIG_FILE).is_file():
+            saved = EditConfig.load(out / CONFIG_FILE)
+        elif (out / CHECKPOINT_FILE).is_file():
+            meta = read_tensors(out / CHECKPOINT_FILE, meta_only=True)[1]
+            saved = EditConfig(method=self.cfg.method, train=meta.get("config", {}))
+        why = saved and settings_mismatch(self.cfg.method, self.cfg.train, saved)
+        if why:  # reusing it would report the old settings' results under the new ones
+            raise ValueError(f"{out} holds an erase run with {why}: choose another --out to "
+                             "erase with these settings, or delete that folder")
         if (out / CONFIG_FILE).is_file():
             load_edit(pipe, out)  # finished in an earlier run of the protocol
         else:

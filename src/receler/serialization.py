@@ -54,15 +54,16 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
-def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load a file written by :func:`save_tensors`; a damaged file is a clear ``ValueError``."""
+def read_tensors(path: Path, *, meta_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a file written by :func:`save_tensors` (``meta_only``: just its metadata, no
+    tensors); a damaged file is a clear ``ValueError``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("receler", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {} if meta_only else {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(
             f"{path} is truncated or corrupted ({e}); write it again, or resume from another copy"

@@ -145,6 +145,22 @@ def trainable_parameters(name: str, pipe, config: TrainConfig | None = None) -> 
     return sum(2 * d * rank + rank + d for d in dims)  # down (d→r) + up (r→d), with biases
 
 
+def settings_mismatch(name: str, config: TrainConfig, saved: EditConfig) -> str | None:
+    """How a finished or checkpointed run in a folder differs from what is asked now: the
+    method, or a training setting that the method reads. ``None`` when they agree."""
+    if saved.method != name:
+        return f"method {saved.method!r}, not {name!r}"
+    asked = method_config(name, config).to_dict()
+    for key in get_method(name).config_fields:
+        if key in ("checkpoint_every", "mask_image_every"):  # bookkeeping, not the result
+            continue
+        if key.startswith("adv_") and key != "adv_steps" and asked.get("adv_steps") == 0:
+            continue  # no attack: its settings change nothing
+        if key in saved.train and saved.train[key] != asked[key]:
+            return f"{key}={saved.train[key]!r}, not {asked[key]!r}"
+    return None
+
+
 def _check_folder(method: Method, out_dir: Path, *, overwrite: bool, resume: bool) -> None:
     if resume:
         if not method.resumable:
