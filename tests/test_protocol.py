@@ -120,3 +120,27 @@ def test_evaluate_command_writes_json_and_markdown(pipe, prompt_sets, tmp_path, 
             "colour", "--out", str(tmp_path / "e2.json")]
     assert main(half) == 2  # paraphrase images without their prompt file
     assert "go together" in capsys.readouterr().err
+
+
+def test_checkpointed_run_with_other_settings_is_refused(prompt_sets, tiny_model_dir, tmp_path):
+    import torch
+
+    from receler.serialization import CHECKPOINT_FILE, save_tensors
+
+    train = TrainConfig(concepts="car", iterations=8, adv_steps=0, adv_lr=0.5)
+    cfg = ProtocolConfig(concept="car", out=tmp_path / "run", model=str(tiny_model_dir),
+                         method="receler-eraser-reg", prompts=prompt_sets, train=train)
+    (tmp_path / "run" / "erasers").mkdir(parents=True)
+    save_tensors(tmp_path / "run" / "erasers" / CHECKPOINT_FILE, {"rng": torch.zeros(1)},
+                 {"config": dataclasses.replace(train, lr=1e-2).to_dict()})
+    with pytest.raises(ValueError, match=r"lr=0.01, not 0.0003.*another --out"):
+        Protocol(cfg, show_progress=False).erase(pipe=None)
+
+    # Without an attack its settings change nothing, so they are not compared.
+    from receler.methods.edits import EditConfig
+    from receler.methods.registry import settings_mismatch
+
+    saved = EditConfig(method="receler-eraser-reg", train=dataclasses.replace(train, adv_lr=1.0).to_dict())
+    assert settings_mismatch("receler-eraser-reg", train, saved) is None
+    saved.train["reg_weight"] = 2.0
+    assert settings_mismatch("receler-eraser-reg", train, saved) == "reg_weight=2.0, not 0.1"
