@@ -95,10 +95,11 @@ class SamplerDefaults:
 # `receler erase` uses them for flags left out). The papers' settings are for SD 1.4; on the
 # toy model they do not erase (docs/toyworld.md, "Erasing on the toy model"). Its
 # cross-attention on the concept token is low on the object and high on the background, so
-# the regulariser's mask comes from |ε(c) − ε(∅)| instead.
+# the regulariser's mask comes from |ε(c) − ε(∅)| instead. The attack starts after 100
+# iterations: attacked from the start, the erasers did not erase heart at all.
 ERASE_DEFAULTS: dict[str, dict] = {
     "receler": {"lr": 3e-3, "iterations": 300, "ddim_steps": 20, "mask_source": "guidance",
-                "reg_weight": 5.0},
+                "reg_weight": 5.0, "adv_start": 100},
     "esd": {"lr": 1e-4, "iterations": 150},
 }
 
