@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -15,6 +16,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from receler.protocol import PromptSets
 from receler.toyworld.tokenizer import build_tokenizer
 
 # Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads that
@@ -77,3 +79,40 @@ def pipe(tiny_model_dir):
     from receler import load_pipeline
 
     return load_pipeline(str(tiny_model_dir), device="cpu")
+
+
+class ColourDetector:
+    """Scores a label by how far the image's mean colour is from grey: a real, if crude,
+    image statistic, so rates vary between images and models."""
+
+    name, threshold = "colour", 0.5
+
+    def detect(self, images, labels):
+        out = []
+        for im in images:
+            a = np.asarray(im, dtype=np.float32) / 255.0
+            score = float(np.abs(a.mean((0, 1)) - a.mean()).sum() * 8)
+            out.append({label: score + 0.1 * (len(label) % 3) for label in labels})
+        return out
+
+
+@pytest.fixture
+def colour_detector() -> str:
+    """The name of :class:`ColourDetector`, registered."""
+    from receler.eval.detectors import register_detector
+
+    register_detector(ColourDetector.name, ColourDetector)
+    return ColourDetector.name
+
+
+@pytest.fixture
+def prompt_sets(tmp_path):
+    """Six simple prompts over car, dog and truck, two car paraphrases, one two-object row."""
+    simple = "case_number,prompt,class,evaluation_seed\n" + "".join(
+        f"{i},a photo of a {c},{c},{i}\n" for i, c in enumerate(["car", "car", "dog", "dog",
+                                                                  "truck", "truck"]))
+    para = "case_number,prompt,class,evaluation_seed\n0,a red picture,car,5\n1,the blue,car,6\n"
+    two = "case_number,prompt,class,class2,evaluation_seed\n0,a car dog,car,dog,3\n"
+    for name, text in (("s", simple), ("p", para), ("t", two)):
+        (tmp_path / f"{name}.csv").write_text(text)
+    return PromptSets(tmp_path / "s.csv", tmp_path / "p.csv", tmp_path / "t.csv")

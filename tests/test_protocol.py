@@ -5,45 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 
 from receler.attack import AttackConfig
 from receler.config import TrainConfig
-from receler.eval.detectors import register_detector
-from receler.protocol import PromptSets, Protocol, ProtocolConfig
+from receler.protocol import Protocol, ProtocolConfig
 from receler.report import write_report
 
 
-class ColourDetector:
-    """Scores a label by how far the image's mean colour is from grey: a real, if crude,
-    image statistic, so rates vary between images and models."""
-
-    name, threshold = "colour", 0.5
-
-    def detect(self, images, labels):
-        out = []
-        for im in images:
-            a = np.asarray(im, dtype=np.float32) / 255.0
-            score = float(np.abs(a.mean((0, 1)) - a.mean()).sum() * 8)
-            out.append({label: score + 0.1 * (len(label) % 3) for label in labels})
-        return out
-
-
-@pytest.fixture
-def prompt_sets(tmp_path):
-    simple = "case_number,prompt,class,evaluation_seed\n" + "".join(
-        f"{i},a photo of a {c},{c},{i}\n" for i, c in enumerate(["car", "car", "dog", "dog",
-                                                                  "truck", "truck"]))
-    para = "case_number,prompt,class,evaluation_seed\n0,a red picture,car,5\n1,the blue,car,6\n"
-    two = "case_number,prompt,class,class2,evaluation_seed\n0,a car dog,car,dog,3\n"
-    for name, text in (("s", simple), ("p", para), ("t", two)):
-        (tmp_path / f"{name}.csv").write_text(text)
-    return PromptSets(tmp_path / "s.csv", tmp_path / "p.csv", tmp_path / "t.csv")
-
-
-def test_protocol_runs_every_stage_and_writes_results(tiny_model_dir, prompt_sets, tmp_path):
-    register_detector("colour", ColourDetector)
+def test_protocol_runs_every_stage_and_writes_results(tiny_model_dir, prompt_sets, colour_detector,
+                                                      tmp_path):
     cfg = ProtocolConfig(
         concept="car", out=tmp_path / "run", model=str(tiny_model_dir), detector="colour",
         per_class=2, concept_rows=2, attack_images=2, prompts=prompt_sets,
@@ -94,12 +65,12 @@ def test_report_tables_show_base_and_erased(tmp_path):
     assert "| car (erased) | 50.0% [20.0, 80.0] | 50.0% [20.0, 80.0] |" in text
 
 
-def test_evaluate_command_writes_json_and_markdown(pipe, prompt_sets, tmp_path, capsys):
+def test_evaluate_command_writes_json_and_markdown(pipe, prompt_sets, colour_detector, tmp_path,
+                                                   capsys):
     from receler.cli import main
     from receler.eval.prompts import read_prompts
     from receler.sampling import SamplerSettings, generate_prompt_file
 
-    register_detector("colour", ColourDetector)
     settings = SamplerSettings(steps=2, guidance=3.0)
     for name, csv in (("s", prompt_sets.simple), ("p", prompt_sets.paraphrase)):
         generate_prompt_file(pipe, read_prompts(csv), tmp_path / name, settings=settings)

@@ -184,23 +184,7 @@ class Protocol:
         return result
 
     def latency(self, pipe, repeats: int = 6, n: int = 4) -> dict:
-        """Median seconds to generate ``n`` images with the edit on and off, interleaved in the
-        same process so that machine load affects both alike, in ABBA order so that neither
-        always runs first."""
-        from .methods import edit_disabled
-
-        prompts, seeds = [self.concept_prompt()] * n, list(range(n))
-        times: dict[str, list[float]] = {"base": [], "erased": []}
-        generate(pipe, prompts, seeds, settings=self.settings, batch_size=n)  # warm-up
-        for r in range(repeats):
-            for which in (("base", "erased") if r % 2 == 0 else ("erased", "base")):
-                ctx = edit_disabled(pipe) if which == "base" else nullcontext()
-                with ctx:
-                    start = time.perf_counter()
-                    generate(pipe, prompts, seeds, settings=self.settings, batch_size=n)
-                    times[which].append(time.perf_counter() - start)
-        base, erased = statistics.median(times["base"]), statistics.median(times["erased"])
-        return {"latency_base_s": base, "latency_s": erased, "overhead_ratio": erased / base - 1}
+        return measure_latency(pipe, self.concept_prompt(), self.settings, repeats=repeats, n=n)
 
     def erase(self, pipe) -> None:
         from .methods import erase_with, load_edit
@@ -257,6 +241,26 @@ class Protocol:
         results["seconds"] = dict(self.seconds, total=sum(self.seconds.values()))
         (cfg.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         return results
+
+
+def measure_latency(pipe, prompt: str, settings: SamplerSettings, *, repeats: int = 6,
+                    n: int = 4) -> dict:
+    """Median seconds to generate ``n`` images of ``prompt`` with the pipeline's edit on and
+    off, interleaved in the same process so that machine load affects both alike, in ABBA
+    order so that neither always runs first, after one warm-up."""
+    from .methods import edit_disabled
+
+    prompts, seeds = [prompt] * n, list(range(n))
+    times: dict[str, list[float]] = {"base": [], "erased": []}
+    generate(pipe, prompts, seeds, settings=settings, batch_size=n)  # warm-up
+    for r in range(repeats):
+        for which in (("base", "erased") if r % 2 == 0 else ("erased", "base")):
+            with edit_disabled(pipe) if which == "base" else nullcontext():
+                start = time.perf_counter()
+                generate(pipe, prompts, seeds, settings=settings, batch_size=n)
+                times[which].append(time.perf_counter() - start)
+    base, erased = statistics.median(times["base"]), statistics.median(times["erased"])
+    return {"latency_base_s": base, "latency_s": erased, "overhead_ratio": erased / base - 1}
 
 
 def summarise(metrics: dict, attack: dict) -> dict:
