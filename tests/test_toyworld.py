@@ -102,7 +102,7 @@ def test_pipeline_format_loads_from_pretrained(tmp_path):
     pipe = tw_model.assemble_pipeline(vae, unet, text, tok)
     tw_model.save_pipeline(pipe, tmp_path / "pipe")
     loaded = StableDiffusionPipeline.from_pretrained(
-        tmp_path / "pipe", safety_checker=None, torch_dtype=torch.float32
+        tmp_path / "pipe", safety_checker=None, dtype=torch.float32
     )
     settings = tw_model.default_sampler_settings(tmp_path / "pipe")
     assert settings["height"] == settings["width"] == 32

@@ -65,7 +65,7 @@ def main() -> None:
 
     path = args.model or default_model_path()
     pipe = StableDiffusionPipeline.from_pretrained(
-        path, safety_checker=None, torch_dtype=torch.float32
+        path, safety_checker=None, dtype=torch.float32
     )
     pipe.set_progress_bar_config(disable=True)
     settings = default_sampler_settings(path)
