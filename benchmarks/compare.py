@@ -89,26 +89,17 @@ def pixel_change_others(res: dict) -> float | None:
 LATENCY_FILE = "latency_alone.json"
 
 
+def latency_alone(out: Path, repeats: int) -> dict | None:
+    """The run's latency measured alone with ``repeats`` ABBA repeats, if it has been."""
+    f = out / LATENCY_FILE
+    lat = json.loads(f.read_text()) if repeats and f.is_file() else None
+    return lat if lat and lat.get("repeats") == repeats else None
+
+
 def measure_alone(outs: list[Path], repeats: int) -> None:
     """Re-measure the latency overhead of finished runs one at a time, with every core and
     nothing else running (the protocol's own figure shares the CPU with the other jobs).
     Each run gets ``LATENCY_FILE`` in its folder; runs measured with ``repeats`` are skipped."""
-    import torch
-
-    todo = []
-    for out in outs:
-        f = out / LATENCY_FILE
-        if not (f.is_file() and json.loads(f.read_text()).get("repeats") == repeats):
-            todo.append(out)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        _measure(todo, repeats)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _measure(todo: list[Path], repeats: int) -> None:
     import torch
 
     from receler.methods import load_edit, remove_edit
@@ -117,24 +108,29 @@ def _measure(todo: list[Path], repeats: int) -> None:
     from receler.sampling import SamplerSettings
     from receler.serialization import atomic_write
 
+    previous = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
     pipes: dict[str, object] = {}
-    for out in todo:
-        res = json.loads((out / "results.json").read_text())
-        model = res["model"]
-        if model not in pipes:
-            pipes[model] = load_pipeline(model, device="cpu")
-        pipe = pipes[model]
-        load_edit(pipe, out / "erasers")
-        try:
-            lat = measure_latency(pipe, res["attack"]["prompt"], SamplerSettings.for_model(model),
-                                  repeats=repeats)
-        finally:
-            remove_edit(pipe)
-        lat.update(repeats=repeats, threads=torch.get_num_threads())
-        text = json.dumps(lat, indent=2) + "\n"
-        atomic_write(out / LATENCY_FILE, lambda tmp, text=text: tmp.write_text(text))
-        print(f"{out}: overhead {lat['overhead_ratio']:+.3f} (alone, {repeats} ABBA repeats)",
-              flush=True)
+    try:
+        for out in (o for o in outs if latency_alone(o, repeats) is None):
+            res = json.loads((out / "results.json").read_text())
+            model = res["model"]
+            if model not in pipes:
+                pipes[model] = load_pipeline(model, device="cpu")
+            pipe = pipes[model]
+            load_edit(pipe, out / "erasers")
+            try:
+                lat = measure_latency(pipe, res["attack"]["prompt"],
+                                      SamplerSettings.for_model(model), repeats=repeats)
+            finally:
+                remove_edit(pipe)
+            lat.update(repeats=repeats, threads=torch.get_num_threads())
+            text = json.dumps(lat, indent=2) + "\n"
+            atomic_write(out / LATENCY_FILE, lambda tmp, text=text: tmp.write_text(text))
+            print(f"{out}: overhead {lat['overhead_ratio']:+.3f} (alone, {repeats} ABBA "
+                  "repeats)", flush=True)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def row(label: str, concept: str, res: dict, peak_mb: float | None,
@@ -226,11 +222,6 @@ def main() -> int:
     def folder(concept: str, label: str) -> Path:
         return work / concept / label.replace(" ", "_").replace("(", "").replace(")", "")
 
-    def latency_alone(out: Path) -> dict | None:
-        f = out / LATENCY_FILE
-        lat = json.loads(f.read_text()) if args.latency_repeats and f.is_file() else None
-        return lat if lat and lat.get("repeats") == args.latency_repeats else None
-
     order = []
     for i, concept in enumerate(concepts):
         runs = [(m, m, []) for m in methods]
@@ -247,7 +238,8 @@ def main() -> int:
             if done:
                 rows.append(base_row(concept, results[concept, done[0]][0]))
             rows += [row(label, concept, *results[concept, label],
-                         alone=latency_alone(folder(concept, label))) for label in done]
+                         alone=latency_alone(folder(concept, label), args.latency_repeats))
+                     for label in done]
             missing += [f"{concept}/{label}" for label, _, _ in runs if label not in done]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2) + "\n")

@@ -192,21 +192,22 @@ class Protocol:
         from .methods.registry import settings_mismatch
 
         out = self.cfg.out / "erasers"
-        saved = None  # what an earlier run of this protocol left: finished or checkpointed
-        if (out / CONFIG_FILE).is_file():
+        finished, checkpointed = (out / CONFIG_FILE).is_file(), (out / CHECKPOINT_FILE).is_file()
+        saved = None  # what an earlier run of this protocol left
+        if finished:
             saved = EditConfig.load(out / CONFIG_FILE)
-        elif (out / CHECKPOINT_FILE).is_file():
+        elif checkpointed:
             meta = read_tensors(out / CHECKPOINT_FILE, meta_only=True)[1]
             saved = EditConfig(method=self.cfg.method, train=meta.get("config", {}))
         why = saved and settings_mismatch(self.cfg.method, self.cfg.train, saved)
         if why:  # reusing it would report the old settings' results under the new ones
             raise ValueError(f"{out} holds an erase run with {why}: choose another --out to "
                              "erase with these settings, or delete that folder")
-        if (out / CONFIG_FILE).is_file():
-            load_edit(pipe, out)  # finished in an earlier run of the protocol
+        if finished:
+            load_edit(pipe, out)
         else:
             erase_with(self.cfg.method, pipe, self.cfg.train, out, base_model=self.model,
-                       resume=(out / CHECKPOINT_FILE).is_file(),
+                       resume=checkpointed,
                        show_progress=self.show_progress)
 
     def run(self) -> dict:

@@ -96,7 +96,9 @@ class SamplerDefaults:
 # toy model they do not erase (docs/toyworld.md, "Erasing on the toy model"). Its
 # cross-attention on the concept token is low on the object and high on the background, so
 # the regulariser's mask comes from |ε(c) − ε(∅)| instead. The attack starts after 100
-# iterations: attacked from the start, the erasers did not erase heart at all.
+# iterations: attacked from the start, the erasers did not erase heart (seed 0); from
+# iteration 100 they do not erase the style "striped", which wants --adv-start 0
+# (docs/toyworld.md, "Starting the attack later").
 ERASE_DEFAULTS: dict[str, dict] = {
     "receler": {"lr": 3e-3, "iterations": 300, "ddim_steps": 20, "mask_source": "guidance",
                 "reg_weight": 5.0, "adv_start": 100},
