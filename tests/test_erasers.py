@@ -7,7 +7,12 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 
 from receler import attach_erasers, erasers_disabled, get_erasers, remove_erasers
-from receler.erasers import count_parameters, eraser_parameters, find_cross_attention
+from receler.erasers import (
+    count_parameters,
+    eraser_parameters,
+    find_cross_attention,
+    shadow_eraser_outputs,
+)
 
 
 def sd2_like_unet() -> UNet2DConditionModel:
@@ -125,3 +130,21 @@ def test_sd14_budget_is_about_0_37_percent():
     assert len(erasers) == 16
     ratio = count_parameters(erasers) / base
     assert 0.0036 < ratio < 0.0038, ratio
+
+
+def test_shadow_outputs_leave_the_base_output_and_train_only_the_erasers():
+    unet = tiny_unet().requires_grad_(False)
+    base = run(unet)
+    erasers = attach_erasers(unet, rank=4)
+    randomise(erasers)
+    assert not torch.allclose(run(unet), base)  # the erasers do change the output...
+    with erasers_disabled(unet), shadow_eraser_outputs(unet) as outs:
+        shadowed = run(unet)  # under no_grad, as the frozen passes of training run
+    assert torch.equal(shadowed, base)  # ...but not while shadowed
+    assert set(outs) == set(erasers)
+    loss = sum(o.pow(2).sum() for o in outs.values())
+    loss.backward()
+    assert all(e.up.weight.grad is not None and e.up.weight.grad.abs().sum() > 0
+               for e in erasers.values())
+    assert all(p.grad is None for n, p in unet.named_parameters() if ".eraser." not in n)
+    assert not any(e.shadow or e.recorder for e in erasers.values())  # restored after

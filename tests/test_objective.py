@@ -5,7 +5,14 @@ import torch
 
 from receler import attach_erasers, erasers_disabled
 from receler.erasers import eraser_parameters, record_eraser_outputs
-from receler.objective import attack_step, erase_loss, erase_target, insert_soft_tokens, mask_loss
+from receler.objective import (
+    anchor_loss,
+    attack_step,
+    erase_loss,
+    erase_target,
+    insert_soft_tokens,
+    mask_loss,
+)
 from receler.pipeline import concept_token_indices, encode, unet_eps
 
 
@@ -105,6 +112,16 @@ def test_mask_loss_by_hand():
     assert mask_loss({"l": out}, torch.ones(1, 2, 2), (2, 2)).item() == 0.0
     two = {"a": out, "b": 2 * out}  # averaged over erasers: (29/3 + 4·29/3) / 2
     assert mask_loss(two, mask, (2, 2)).item() == pytest.approx(5 * 29 / 6)
+
+
+def test_anchor_loss_by_hand_is_the_mask_loss_with_nothing_masked():
+    out = torch.tensor([[[1.0, -1.0], [2.0, -2.0], [3.0, -3.0], [4.0, -4.0]]])
+    assert anchor_loss({"l": out}).item() == pytest.approx((1 + 4 + 9 + 16) / 4)
+    two = {"a": out, "b": 2 * out}
+    assert anchor_loss(two).item() == pytest.approx(
+        mask_loss(two, torch.zeros(1, 2, 2), (2, 2)).item())
+    with pytest.raises(ValueError, match="shadow_eraser_outputs"):
+        anchor_loss({})
 
 
 def test_mask_loss_is_zero_for_fresh_erasers_and_has_a_gradient(setup):

@@ -31,6 +31,7 @@ def test_training_runs_and_writes_erasers(pipe, tmp_path):
     rows = log_rows(tmp_path)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
     assert all(r["loss_attack_first"] is not None for r in rows)
+    assert all(r["loss_anchor"] is None for r in rows)  # the term is off by default
     # per iteration: 2·steps (z_t) + 2 (frozen) + adv_steps + 2 (eraser: plain and attacked)
     expected = sum(2 * r["ddim_step"] + 2 + 2 + 2 for r in rows)
     assert rows[-1]["unet_forward"] == expected
@@ -163,3 +164,35 @@ def test_reused_trajectory_gives_the_same_z_t_for_fewer_passes(pipe, tmp_path):
     rows = log_rows(tmp_path)
     # one whole trajectory (4 steps × 2) for the 4 iterations, plus 2 frozen + 1 erased each
     assert rows[-1]["unet_forward"] == 2 * 4 + 4 * 3
+
+
+@pytest.mark.parametrize("anchors", ["", "a photo|a red truck"])
+def test_anchor_term_is_logged_and_the_empty_anchor_costs_no_pass(pipe, tmp_path, anchors):
+    erase(pipe, config(adv_steps=0, anchor_weight=1.0, anchors=anchors), tmp_path)
+    rows = log_rows(tmp_path)
+    # the first iteration's erasers are fresh (`up` = 0): nothing to penalise yet
+    assert rows[0]["loss_anchor"] == 0.0 and all(r["loss_anchor"] > 0 for r in rows[1:])
+    extra = 0 if anchors == "" else 1  # a non-empty anchor needs its own frozen pass
+    expected = sum(2 * r["ddim_step"] + 2 + extra + 1 for r in rows)
+    assert rows[-1]["unet_forward"] == expected
+    assert rows[-1]["unet_backward"] == len(rows)  # the anchor adds no UNet backward
+
+
+def test_anchor_term_pulls_eraser_output_on_the_anchor_down(tiny_model_dir, tmp_path):
+    """Same seed, with and without the anchor term: the erasers trained with it add less
+    on the anchor prompt."""
+    from receler import load_pipeline
+    from receler.erasers import shadow_eraser_outputs
+    from receler.objective import anchor_loss
+    from receler.pipeline import encode, latent_shape, unet_eps
+
+    added = {}
+    for weight in (0.0, 50.0):
+        p = load_pipeline(str(tiny_model_dir), device="cpu")
+        erase(p, config(iterations=8, adv_steps=0, anchor_weight=weight, anchors="a photo"),
+              tmp_path / str(weight))
+        z = torch.randn(1, *latent_shape(p), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad(), shadow_eraser_outputs(p.unet) as outs:
+            unet_eps(p.unet, z, 500, encode(p, ["a photo"]))
+        added[weight] = anchor_loss(outs).item()
+    assert added[50.0] < 0.5 * added[0.0], added

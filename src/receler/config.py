@@ -80,6 +80,12 @@ class TrainConfig:
     mask_threshold: float = _f(0.1, "threshold of the min-max normalised attention mask")
     mask_resolution: int | None = _f(
         None, "attention resolution of the mask (default: latent/4 or the nearest one)")
+    anchor_weight: float = _f(
+        0.0, "weight of the anchor term: what the erasers would add to the frozen model on the "
+        "anchor prompts is penalised (0 = off, as in the paper)")
+    anchors: str = _f(
+        "", "anchor prompts the erasers must leave alone, separated by '|', one per iteration in "
+        "turn ('' = the empty prompt, which costs no extra UNet pass)")
     adv_steps: int = _f(10, "inner soft-prompt attack steps per iteration (0 = no attack)")
     adv_tokens: int = _f(16, "number of adversarial soft tokens after the concept tokens")
     adv_lr: float = _f(1e-2, "learning rate of the adversarial soft tokens (Adam)")
@@ -101,7 +107,9 @@ class TrainConfig:
         for name, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        for name in ("lr", "adv_lr", "eta", "start_guidance", "reg_weight"):
+        if self.anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        for name in ("lr", "adv_lr", "eta", "start_guidance", "reg_weight", "anchor_weight"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0 or self.adv_lr <= 0:
@@ -111,6 +119,10 @@ class TrainConfig:
                              f"got {self.mask_source!r}")
         if not 0.0 <= self.mask_threshold <= 1.0:
             raise ValueError(f"mask_threshold must lie in [0, 1], got {self.mask_threshold}")
+
+    @property
+    def anchor_prompts(self) -> list[str]:
+        return [a.strip() for a in self.anchors.split("|")]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -44,6 +44,7 @@ class Eraser(nn.Module):
         self.enabled = True
         # (store, key) while record_eraser_outputs is active: the hook writes the output there
         self.recorder: tuple[dict[str, torch.Tensor], str] | None = None
+        self.shadow = False  # compute and record the output without adding it
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -71,13 +72,20 @@ class Eraser(nn.Module):
 
 def _eraser_hook(module: nn.Module, args, output):
     eraser: Eraser = getattr(module, ERASER_ATTR)
-    if not eraser.enabled:
+    if not (eraser.enabled or eraser.shadow):
         return output
     if not torch.is_tensor(output):
         raise TypeError(
             f"the attention processor of {type(module).__name__} returned {type(output).__name__}; "
             "erasers need a tensor output"
         )
+    if eraser.shadow:  # what the eraser would add to the frozen model; graph only through it
+        with torch.enable_grad():
+            delta = eraser(output.detach())
+        if eraser.recorder is not None:
+            store, key = eraser.recorder
+            store[key] = delta
+        return output
     delta = eraser(output)
     if eraser.recorder is not None:
         store, key = eraser.recorder
@@ -196,6 +204,26 @@ def record_eraser_outputs(unet: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     finally:
         for e in erasers.values():
             e.recorder = None
+
+
+@contextmanager
+def shadow_eraser_outputs(unet: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Run the frozen model while collecting what each eraser *would* add.
+
+    Inside the block the UNet computes exactly the base model's output, also under
+    ``torch.no_grad()``; each eraser sees its layer's (detached) base activation and its
+    output is recorded with a graph through the eraser weights only, so a penalty on it
+    costs no UNet backward pass. Yields a dict keyed by ``attn2`` name.
+    """
+    erasers = get_erasers(unet)
+    outputs: dict[str, torch.Tensor] = {}
+    for name, e in erasers.items():
+        e.recorder, e.shadow = (outputs, name), True
+    try:
+        yield outputs
+    finally:
+        for e in erasers.values():
+            e.recorder, e.shadow = None, False
 
 
 def eraser_parameters(unet: nn.Module) -> list[nn.Parameter]:

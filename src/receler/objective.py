@@ -3,6 +3,8 @@
 * erase loss: ESD-style negative guidance, the erased UNet conditioned on the
   concept must predict ``ε(∅) − η·(ε(c) − ε(∅))`` of the frozen UNet;
 * mask loss: eraser output outside the concept mask is penalised;
+* anchor loss (optional, not in the paper): what the erasers would add on prompts they
+  must leave alone is penalised;
 * attack: soft tokens written after the concept tokens are trained so that the
   erased UNet reproduces the frozen ``ε(c)``.
 
@@ -55,6 +57,16 @@ def mask_loss(
         keep = 1.0 - resize_mask(mask.float(), layer_hw(n, latent_hw)).reshape(b, n, 1)
         losses.append(((keep * out.float()) ** 2).mean(-1).sum() / keep.sum().clamp_min(1.0))
     return torch.stack(losses).mean()
+
+
+def anchor_loss(eraser_outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean square of what the erasers would add on an anchor prompt, averaged over the
+    erasers: ``mean(E²)`` over batch, positions and channels (the mask loss with an empty
+    mask, i.e. every position is to be kept)."""
+    if not eraser_outputs:
+        raise ValueError("no eraser outputs were recorded: run the UNet inside "
+                         "shadow_eraser_outputs(unet)")
+    return torch.stack([(out.float() ** 2).mean() for out in eraser_outputs.values()]).mean()
 
 
 def insert_soft_tokens(embeds: torch.Tensor, soft: torch.Tensor, start: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ was never interrupted. Checkpoints are single safetensors files, written atomica
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -39,8 +40,16 @@ from .erasers import (
     erasers_disabled,
     get_erasers,
     record_eraser_outputs,
+    shadow_eraser_outputs,
 )
-from .objective import attack_step, erase_loss, erase_target, insert_soft_tokens, mask_loss
+from .objective import (
+    anchor_loss,
+    attack_step,
+    erase_loss,
+    erase_target,
+    insert_soft_tokens,
+    mask_loss,
+)
 from .pipeline import (
     concept_token_indices,
     ddim_scheduler,
@@ -100,6 +109,7 @@ class IterationResult:
     loss_attack: list[float] = field(default_factory=list)
     mask: torch.Tensor | None = None  # (h, w), for pictures
     attention: torch.Tensor | None = None
+    loss_anchor: float | None = None  # None: no anchor term
 
 
 class TrainingLoop:
@@ -292,6 +302,7 @@ class Trainer(TrainingLoop):
         self.sched = ddim_scheduler(pipe, config.ddim_steps)
 
         self.uncond = encode(pipe, [""])
+        self.anchors = [self.uncond if a == "" else encode(pipe, [a]) for a in config.anchor_prompts]
         self.concepts = config.concepts
         self.cond = {c: encode(pipe, [c]) for c in self.concepts}
         self.tokens = {c: concept_token_indices(pipe.tokenizer, c) for c in self.concepts}
@@ -322,12 +333,21 @@ class Trainer(TrainingLoop):
         concept, steps_done, z, t = self.sample_zt()
         cond = self.cond[concept]
 
-        # 2. frozen targets; attention of the concept prompt gives the mask
+        # 2. frozen targets; attention of the concept prompt gives the mask; the erasers
+        # shadow an anchor prompt's pass (the empty prompt's is the ε(∅) pass itself)
+        anchor = (self.anchors[self.iteration % len(self.anchors)] if cfg.anchor_weight
+                  else None)
         with torch.no_grad(), erasers_disabled(unet):
-            e_uncond = unet_eps(unet, z, t, self.uncond)
+            with (shadow_eraser_outputs(unet) if anchor is self.uncond
+                  else contextlib.nullcontext()) as shadowed:
+                e_uncond = unet_eps(unet, z, t, self.uncond)
             with capture_cross_attention(unet, detach=True) as maps:
                 e_cond = unet_eps(unet, z, t, cond)
             self.passes(2)
+            if anchor is not None and anchor is not self.uncond:
+                with shadow_eraser_outputs(unet) as shadowed:
+                    unet_eps(unet, z, t, anchor)
+                self.passes(1)
         attention = concept_attention(maps, self.tokens[concept], self.latent_hw,
                                       cfg.mask_resolution)
         if cfg.mask_source == "guidance":  # same resolution as the attention mask would have
@@ -356,9 +376,12 @@ class Trainer(TrainingLoop):
         loss_e = erase_loss(e_erased, target.expand(n, -1, -1, -1))
         loss_m = (mask_loss(outputs, mask.expand(n, -1, -1), self.latent_hw) if cfg.reg_weight
                   else torch.zeros(()))
-        self.update(loss_e + cfg.reg_weight * loss_m, tuple(attack_losses), samples=n)
+        loss_a = anchor_loss(shadowed) if anchor is not None else torch.zeros(())
+        self.update(loss_e + cfg.reg_weight * loss_m + cfg.anchor_weight * loss_a,
+                    tuple(attack_losses), samples=n)
         return IterationResult(self.iteration, concept, steps_done, int(t), loss_e.item(),
-                               loss_m.item(), attack_losses, mask[0].cpu(), attention[0].cpu())
+                               loss_m.item(), attack_losses, mask[0].cpu(), attention[0].cpu(),
+                               loss_a.item() if anchor is not None else None)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> Path:
@@ -414,6 +437,7 @@ class Trainer(TrainingLoop):
 def _log_row(r: IterationResult, passes: PassCounter) -> dict:
     return {"iteration": r.iteration, "concept": r.concept, "ddim_step": r.step,
             "timestep": r.timestep, "loss_erase": r.loss_erase, "loss_mask": r.loss_mask,
+            "loss_anchor": r.loss_anchor,
             "loss_attack_first": r.loss_attack[0] if r.loss_attack else None,
             "loss_attack_last": r.loss_attack[-1] if r.loss_attack else None,
             "unet_forward": passes.forward, "unet_backward": passes.backward}

@@ -92,12 +92,12 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], xs: list[i
 
 def loss_curves(log_path: Path, out_path: Path, *, width: int = 640, panel_height: int = 140
                 ) -> Path:
-    """Plot the losses of ``train_log.jsonl`` (erase, mask, attack), one panel each."""
+    """Plot the losses of ``train_log.jsonl`` (erase, mask, anchor, attack), one panel each."""
     rows = [json.loads(ln) for ln in Path(log_path).read_text().splitlines() if ln.strip()]
     if not rows:
         raise ValueError(f"{log_path} has no rows to plot")
     series = {"loss_erase": (200, 40, 40), "loss_mask": (40, 110, 200),
-              "loss_attack_last": (30, 150, 60)}
+              "loss_anchor": (150, 60, 160), "loss_attack_last": (30, 150, 60)}
     present = {k: c for k, c in series.items() if any(r.get(k) is not None for r in rows)}
     img = Image.new("RGB", (width, 30 + len(present) * (panel_height + 20)), "white")
     draw = ImageDraw.Draw(img)
