@@ -49,13 +49,13 @@ def unet_state(pipe) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name, fields", [
-    ("receler", {"reg_weight": 0.1, "adv_steps": 1}),
-    ("receler-eraser-only", {"reg_weight": 0.0, "adv_steps": 0}),
-    ("receler-eraser-reg", {"reg_weight": 0.1, "adv_steps": 0}),
-    ("receler-eraser-adv", {"reg_weight": 0.0, "adv_steps": 1}),
+    ("receler", {"reg_weight": 0.1, "anchor_weight": 2.0, "adv_steps": 1}),
+    ("receler-eraser-only", {"reg_weight": 0.0, "anchor_weight": 0.0, "adv_steps": 0}),
+    ("receler-eraser-reg", {"reg_weight": 0.1, "anchor_weight": 2.0, "adv_steps": 0}),
+    ("receler-eraser-adv", {"reg_weight": 0.0, "anchor_weight": 0.0, "adv_steps": 1}),
 ])
 def test_ablation_presets_set_the_right_fields(name, fields):
-    cfg = method_config(name, config())
+    cfg = method_config(name, config(anchor_weight=2.0))
     assert {k: getattr(cfg, k) for k in fields} == fields
     assert cfg.lr == 1e-2 and cfg.concepts == ["car"]  # everything else untouched
 

@@ -80,12 +80,12 @@ def _receler(name: str, summary: str, preset: dict[str, Any]) -> Method:
 METHODS: dict[str, Method] = {m.name: m for m in [
     _receler("receler", "Receler: erasers + concept-localised regularisation + adversarial "
              "prompts", {}),
-    _receler("receler-eraser-only", "ablation: erasers alone (no regulariser, no attack)",
-             {"reg_weight": 0.0, "adv_steps": 0}),
-    _receler("receler-eraser-reg", "ablation: erasers + regulariser (no attack)",
-             {"adv_steps": 0}),
-    _receler("receler-eraser-adv", "ablation: erasers + attack (no regulariser)",
-             {"reg_weight": 0.0}),
+    _receler("receler-eraser-only", "ablation: erasers alone (no regularisers, no attack)",
+             {"reg_weight": 0.0, "anchor_weight": 0.0, "adv_steps": 0}),
+    _receler("receler-eraser-reg", "ablation: erasers + regularisers (mask, and the anchor "
+             "where the settings use it; no attack)", {"adv_steps": 0}),
+    _receler("receler-eraser-adv", "ablation: erasers + attack (no regularisers)",
+             {"reg_weight": 0.0, "anchor_weight": 0.0}),
     Method("esd-x", "ESD-x: fine-tune every cross-attention (attn2) parameter", _ESD_FIELDS,
            paper_defaults=ESD_PAPER_DEFAULTS, resumable=True, files=(EDIT_FILE,)),
     Method("esd-u", "ESD-u: fine-tune everything but attn2, time embedding and output layers",
