@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -35,11 +36,17 @@ COLUMNS = ["method", "concept", "acc_e", "acc_r", "acc_l", "h", "attack_success_
            "two_object_locality", "pixel_change_others", "train_seconds", "unet_passes",
            "trainable_params", "overhead_ratio", "peak_mem_mb"]
 # The published Receler recipe's compute: 500 iterations × 50 inner adversarial steps from
-# the first iteration, z_t sampled with 50 DDIM steps (the model's other recommended
-# settings still apply).
+# the first iteration, z_t sampled with 50 DDIM steps, no anchor term (the paper has none).
+# The other settings are the toy model's recommendations before the anchor term (session 3):
+# the mask weight stays 5, where the paper's 0.1 does not erase on the toy model.
 PUBLISHED = {"label": "receler (published recipe)", "method": "receler",
              "flags": ["--iterations", "500", "--adv-steps", "50", "--ddim-steps", "50",
-                       "--adv-start", "0"]}
+                       "--adv-start", "0", "--anchor-weight", "0", "--reg-weight", "5"]}
+
+
+def variant(flags: str) -> dict:
+    """A ``receler`` run with other flags (``--variant``), labelled by them."""
+    return {"label": f"receler ({flags})", "method": "receler", "flags": flags.split()}
 
 
 def run_protocol(concept: str, method: str, out: Path, base: Path, flags: list[str],
@@ -195,6 +202,9 @@ def main() -> int:
                    help="after the runs, re-measure each one's latency overhead alone with this "
                         "many ABBA repeats (0: keep the protocol's figure, measured beside the "
                         "other jobs)")
+    p.add_argument("--variant", action="append", default=[], metavar="FLAGS",
+                   help='also run receler with these flags on every concept, e.g. '
+                        '--variant="--reg-weight 5" (repeatable)')
     p.add_argument("--collect", action="store_true",
                    help="rebuild the table from the run folders that finished, training "
                         "nothing (it still measures the latency of runs that lack it)")
@@ -213,7 +223,7 @@ def main() -> int:
         concepts = (args.concepts or "star,heart,striped").split(",")
         flags = []
     published = args.published or ("none" if args.quick else "all")
-    methods = args.methods.split(",")
+    methods = [m for m in args.methods.split(",") if m]  # "" with --variant: variants only
     work = args.work / ("quick" if args.quick else "full")
     results: dict[tuple[str, str], tuple[dict, float | None]] = {}
     started = time.time()
@@ -225,6 +235,7 @@ def main() -> int:
     order = []
     for i, concept in enumerate(concepts):
         runs = [(m, m, []) for m in methods]
+        runs += [(v["label"], v["method"], v["flags"]) for v in map(variant, args.variant)]
         if published == "all" or (published == "first" and i == 0):
             # the longest run early, so that it overlaps the others with --jobs > 1
             runs.insert(1, (PUBLISHED["label"], PUBLISHED["method"], PUBLISHED["flags"]))
@@ -243,7 +254,7 @@ def main() -> int:
             missing += [f"{concept}/{label}" for label, _, _ in runs if label not in done]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
-        cmd = "python " + " ".join(["benchmarks/compare.py", *sys.argv[1:]])
+        cmd = "python " + shlex.join(["benchmarks/compare.py", *sys.argv[1:]])
         header = (f"# Erasure methods side by side ({'quick' if args.quick else 'full'})\n\n"
                   f"`{cmd}`" + (", collected from the run folders" if args.collect else
                                 f", {time.time() - started:.0f} s so far") + ". unet_passes counts UNet "

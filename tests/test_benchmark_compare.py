@@ -53,3 +53,19 @@ def test_latency_is_measured_again_alone_and_used_in_the_row(compare, tiny_model
     before = (out / compare.LATENCY_FILE).stat().st_mtime_ns
     compare.measure_alone([out], repeats=2)
     assert (out / compare.LATENCY_FILE).stat().st_mtime_ns == before
+
+
+def test_published_recipe_and_variants_are_flags_the_protocol_accepts(compare):
+    from receler.cli import build_parser
+
+    def parsed(flags):
+        return build_parser().parse_args(["protocol", "--concept", "star", "--out", "x", *flags])
+
+    pub = parsed(compare.PUBLISHED["flags"])
+    assert (pub.iterations, pub.adv_steps, pub.ddim_steps, pub.adv_start) == (500, 50, 50, 0)
+    assert (pub.anchor_weight, pub.reg_weight) == (0.0, 5.0)  # the settings of its stored run
+
+    v = compare.variant("--reg-weight 5 --seed 1")
+    assert v["label"] == "receler (--reg-weight 5 --seed 1)" and v["method"] == "receler"
+    ns = parsed(v["flags"])
+    assert (ns.reg_weight, ns.seed) == (5.0, 1)
