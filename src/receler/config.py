@@ -103,12 +103,11 @@ class TrainConfig:
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         non_negative = {"adv_steps": self.adv_steps, "adv_start": self.adv_start,
-                        "reg_weight": self.reg_weight, "mask_image_every": self.mask_image_every}
+                        "reg_weight": self.reg_weight, "anchor_weight": self.anchor_weight,
+                        "mask_image_every": self.mask_image_every}
         for name, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        if self.anchor_weight < 0:
-            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
         for name in ("lr", "adv_lr", "eta", "start_guidance", "reg_weight", "anchor_weight"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")

@@ -82,15 +82,12 @@ def _eraser_hook(module: nn.Module, args, output):
     if eraser.shadow:  # what the eraser would add to the frozen model; graph only through it
         with torch.enable_grad():
             delta = eraser(output.detach())
-        if eraser.recorder is not None:
-            store, key = eraser.recorder
-            store[key] = delta
-        return output
-    delta = eraser(output)
+    else:
+        delta = eraser(output)
     if eraser.recorder is not None:
         store, key = eraser.recorder
         store[key] = delta
-    return output + delta
+    return output if eraser.shadow else output + delta
 
 
 def find_cross_attention(unet: nn.Module) -> dict[str, nn.Module]:
@@ -215,15 +212,15 @@ def shadow_eraser_outputs(unet: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     output is recorded with a graph through the eraser weights only, so a penalty on it
     costs no UNet backward pass. Yields a dict keyed by ``attn2`` name.
     """
-    erasers = get_erasers(unet)
-    outputs: dict[str, torch.Tensor] = {}
-    for name, e in erasers.items():
-        e.recorder, e.shadow = (outputs, name), True
+    erasers = get_erasers(unet).values()
+    for e in erasers:
+        e.shadow = True
     try:
-        yield outputs
+        with record_eraser_outputs(unet) as outputs:
+            yield outputs
     finally:
-        for e in erasers.values():
-            e.recorder, e.shadow = None, False
+        for e in erasers:
+            e.shadow = False
 
 
 def eraser_parameters(unet: nn.Module) -> list[nn.Parameter]:
