@@ -7,6 +7,13 @@ attack results are shared by all methods of a concept. The table goes to
 
     python benchmarks/compare.py            # full: 3 concepts, every method, published recipe
     python benchmarks/compare.py --quick    # one object concept, fewer images and attack steps
+    python benchmarks/compare.py --quick --seeds 0,1,2   # every training seed: mean ± sd
+
+A finished run folder (one with ``results.json``) is reused, not run again, so a killed
+benchmark picks up where it stopped; delete a folder to run it again. ``--seeds`` trains every
+method once per seed (the evaluation prompts and their seeds stay the same, so the base model is
+measured once); the per-seed rows go to ``compare.json`` with a ``seed`` key, and the mean,
+standard deviation and range over the seeds to ``compare_seeds.json`` and ``compare.md``.
 
 Every method trains with its default settings for the model (on the toy model: the settings
 its ``receler_defaults.json`` recommends, else the paper's). ``--jobs 2`` runs two protocols
@@ -141,13 +148,13 @@ def measure_alone(outs: list[Path], repeats: int) -> None:
 
 
 def row(label: str, concept: str, res: dict, peak_mb: float | None,
-        alone: dict | None = None) -> dict:
+        alone: dict | None = None, seed: int = 0) -> dict:
     train = res.get("train") or {}  # the method's stats from eraser_config.json
     passes = None
     if "unet_forward" in train:
         passes = train["unet_forward"] + train["unet_backward"]
-    return {"method": label, "concept": concept, "acc_e": res["acc_e"], "acc_r": res["acc_r"],
-            "acc_l": res["acc_l"], "h": res["h"],
+    return {"method": label, "concept": concept, "seed": seed, "acc_e": res["acc_e"],
+            "acc_r": res["acc_r"], "acc_l": res["acc_l"], "h": res["h"],
             "attack_success_soft": res["attack_success_soft"],
             "attack_success_discrete": res["attack_success_discrete"],
             "two_object_locality": res.get("two_object_locality"),
@@ -172,6 +179,50 @@ def base_row(concept: str, res: dict) -> dict:
             "unet_passes": 0, "trainable_params": 0, "overhead_ratio": 0.0, "peak_mem_mb": None}
 
 
+SPREAD = ["acc_e", "acc_r", "acc_l", "h", "attack_success_soft", "two_object_locality",
+          "pixel_change_others"]
+
+
+def across_seeds(rows: list[dict]) -> list[dict]:
+    """One row per (method, concept) over its seeds: the mean, sample standard deviation and
+    range of each quality column (``None`` where a seed lacks the value, e.g. H of a style)."""
+    import statistics
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["method"] != "base (no erasure)":
+            groups.setdefault((r["method"], r["concept"]), []).append(r)
+    out = []
+    for (method, concept), rs in groups.items():
+        s = {"method": method, "concept": concept, "seeds": sorted(r["seed"] for r in rs)}
+        for c in SPREAD:
+            vals = [r[c] for r in rs]
+            if any(v is None for v in vals):
+                s[c] = s[c + "_sd"] = s[c + "_min"] = s[c + "_max"] = None
+                continue
+            s[c] = statistics.fmean(vals)
+            s[c + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
+            s[c + "_min"], s[c + "_max"] = min(vals), max(vals)
+        out.append(s)
+    return out
+
+
+def spread_markdown(summary: list[dict]) -> str:
+    """``mean ± sd (min–max)`` per column."""
+    def cell(s: dict, c: str) -> str:
+        if s[c] is None:
+            return "–"
+        if s[c + "_sd"] is None:
+            return f"{s[c]:.3f}"
+        return f"{s[c]:.3f} ± {s[c + '_sd']:.3f} ({s[c + '_min']:.2f}–{s[c + '_max']:.2f})"
+
+    cols = ["method", "concept", "seeds"] + SPREAD
+    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    lines += ["| " + " | ".join([s["method"], s["concept"], ",".join(map(str, s["seeds"]))]
+                                + [cell(s, c) for c in SPREAD]) + " |" for s in summary]
+    return "\n".join(lines) + "\n"
+
+
 def fmt(v) -> str:
     if v is None:
         return "–"
@@ -181,8 +232,9 @@ def fmt(v) -> str:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    cols = COLUMNS if len({r.get("seed", 0) for r in rows}) == 1 else COLUMNS[:2] + ["seed"] + COLUMNS[2:]
+    lines = [header, "", "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -205,12 +257,22 @@ def main() -> int:
     p.add_argument("--variant", action="append", default=[], metavar="FLAGS",
                    help='also run receler with these flags on every concept, e.g. '
                         '--variant="--reg-weight 5" (repeatable)')
+    p.add_argument("--seeds", default="0",
+                   help="comma-separated training seeds; every method is trained once per seed "
+                        "and the table gains mean ± sd over them (the published recipe runs on "
+                        "the first seed only)")
     p.add_argument("--collect", action="store_true",
                    help="rebuild the table from the run folders that finished, training "
                         "nothing (it still measures the latency of runs that lack it)")
     args = p.parse_args()
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {args.seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        p.error(f"--seeds lists a seed twice: {args.seeds!r}")
     # Jobs share the cores instead of each taking all of them (oversubscribed threads made
     # the interleaved latency measurement noise).
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
@@ -225,35 +287,46 @@ def main() -> int:
     published = args.published or ("none" if args.quick else "all")
     methods = [m for m in args.methods.split(",") if m]  # "" with --variant: variants only
     work = args.work / ("quick" if args.quick else "full")
-    results: dict[tuple[str, str], tuple[dict, float | None]] = {}
+    results: dict[tuple[str, str, int], tuple[dict, float | None]] = {}
     started = time.time()
     lock = threading.Lock()
 
-    def folder(concept: str, label: str) -> Path:
-        return work / concept / label.replace(" ", "_").replace("(", "").replace(")", "")
+    def folder(concept: str, label: str, seed: int = 0) -> Path:
+        name = label.replace(" ", "_").replace("(", "").replace(")", "")
+        return work / concept / (f"{name}_seed{seed}" if seed else name)
 
-    order = []
+    order = []  # (concept, [(label, method, flags, seed)]), seed by seed
     for i, concept in enumerate(concepts):
-        runs = [(m, m, []) for m in methods]
-        runs += [(v["label"], v["method"], v["flags"]) for v in map(variant, args.variant)]
-        if published == "all" or (published == "first" and i == 0):
-            # the longest run early, so that it overlaps the others with --jobs > 1
-            runs.insert(1, (PUBLISHED["label"], PUBLISHED["method"], PUBLISHED["flags"]))
+        runs = []
+        for j, seed in enumerate(seeds):
+            by_seed = [(m, m, []) for m in methods]
+            by_seed += [(v["label"], v["method"], v["flags"]) for v in map(variant, args.variant)]
+            if j == 0 and (published == "all" or (published == "first" and i == 0)):
+                # the longest run early, so that it overlaps the others with --jobs > 1
+                by_seed.insert(1, (PUBLISHED["label"], PUBLISHED["method"], PUBLISHED["flags"]))
+            runs += [(label, m, f + (["--seed", str(seed)] if seed else []), seed)
+                     for label, m, f in by_seed]
         order.append((concept, runs))
 
     def write() -> None:
         """The table of every finished run so far (a killed benchmark keeps its rows)."""
         rows, missing = [], []
         for concept, runs in order:
-            done = [label for label, _, _ in runs if (concept, label) in results]
+            done = [(label, seed) for label, _, _, seed in runs
+                    if (concept, label, seed) in results]
             if done:
-                rows.append(base_row(concept, results[concept, done[0]][0]))
-            rows += [row(label, concept, *results[concept, label],
-                         alone=latency_alone(folder(concept, label), args.latency_repeats))
-                     for label in done]
-            missing += [f"{concept}/{label}" for label, _, _ in runs if label not in done]
+                rows.append(base_row(concept, results[(concept, *done[0])][0]))
+            rows += [row(label, concept, *results[concept, label, seed], seed=seed,
+                         alone=latency_alone(folder(concept, label, seed), args.latency_repeats))
+                     for label, seed in done]
+            missing += [str(folder(concept, label, seed).relative_to(work))
+                        for label, _, _, seed in runs if (label, seed) not in done]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        summary = across_seeds(rows) if len(seeds) > 1 else []
+        if summary:
+            text = json.dumps(summary, indent=2) + "\n"
+            args.out.with_name(args.out.stem + "_seeds.json").write_text(text)
         cmd = "python " + shlex.join(["benchmarks/compare.py", *sys.argv[1:]])
         header = (f"# Erasure methods side by side ({'quick' if args.quick else 'full'})\n\n"
                   f"`{cmd}`" + (", collected from the run folders" if args.collect else
@@ -267,27 +340,43 @@ def main() -> int:
                       if args.latency_repeats else "") + ".")
         if missing:
             header += f"\n\nNot finished: {', '.join(missing)}."
-        args.out.with_suffix(".md").write_text(markdown(rows, header))
+        text = markdown(rows, header)
+        if summary:
+            text += (f"\n## Across training seeds {','.join(map(str, seeds))}\n\nmean ± sample "
+                     "standard deviation (min–max) of each method's per-seed figures.\n\n"
+                     + spread_markdown(summary))
+        args.out.with_suffix(".md").write_text(text)
 
-    def one(concept: str, label: str, method: str, extra: list[str]) -> None:
-        out, t = folder(concept, label), time.time()
+    def finished(concept: str, label: str, seed: int) -> bool:
+        """Load a run whose folder already holds its results (reused, not run again)."""
+        out = folder(concept, label, seed)
+        if not (out / "results.json").is_file():
+            return False
+        peak_file = out / "peak_mem_mb.txt"
+        peak = float(peak_file.read_text()) if peak_file.is_file() else None
+        results[concept, label, seed] = json.loads((out / "results.json").read_text()), peak
+        return True
+
+    def one(concept: str, label: str, method: str, extra: list[str], seed: int) -> None:
+        if finished(concept, label, seed):
+            print(f"{concept:>10} {label:<28} seed {seed}: reused {folder(concept, label, seed)}",
+                  flush=True)
+            return
+        out, t = folder(concept, label, seed), time.time()
         res, peak = run_protocol(concept, method, out, work / concept / "base", flags + extra,
                                  args.model, threads)
         (out / "peak_mem_mb.txt").write_text(f"{peak:.1f}\n")
         with lock:
-            results[concept, label] = res, peak
+            results[concept, label, seed] = res, peak
             write()
-        print(f"{concept:>10} {label:<28} H={fmt(res['h'])} Acc_E={fmt(res['acc_e'])} "
-              f"soft={fmt(res['attack_success_soft'])} ({time.time() - t:.0f} s)", flush=True)
+        print(f"{concept:>10} {label:<28} seed {seed}: H={fmt(res['h'])} "
+              f"Acc_E={fmt(res['acc_e'])} soft={fmt(res['attack_success_soft'])} "
+              f"({time.time() - t:.0f} s)", flush=True)
 
     if args.collect:  # rebuild the table from finished run folders, run nothing
         for concept, runs in order:
-            for label, _, _ in runs:
-                out = folder(concept, label)
-                if (out / "results.json").is_file():
-                    peak_file = out / "peak_mem_mb.txt"
-                    peak = float(peak_file.read_text()) if peak_file.is_file() else None
-                    results[concept, label] = json.loads((out / "results.json").read_text()), peak
+            for label, _, _, seed in runs:
+                finished(concept, label, seed)
         write()
     else:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -296,7 +385,7 @@ def main() -> int:
                 for f in [pool.submit(one, concept, *r) for r in runs[1:]]:
                     f.result()
     if args.latency_repeats:
-        measure_alone([folder(c, label) for c, label in results], args.latency_repeats)
+        measure_alone([folder(*key) for key in results], args.latency_repeats)
         write()
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0

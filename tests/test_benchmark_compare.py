@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,6 +57,51 @@ def test_latency_is_measured_again_alone_and_used_in_the_row(compare, tiny_model
     before = (out / compare.LATENCY_FILE).stat().st_mtime_ns
     compare.measure_alone([out], repeats=2)
     assert (out / compare.LATENCY_FILE).stat().st_mtime_ns == before
+
+    # --seeds: the run stands in for seeds 0 and 3 of a benchmark's work folder (seed 3's
+    # results are edited so that the two differ); --collect reads both, reuses the finished
+    # folders and writes the per-seed rows and their spread.
+    work = tmp_path / "bench" / "quick" / "car"
+    shutil.copytree(out, work / "receler")
+    shutil.copytree(out, work / "receler_seed3")
+    res3 = dict(res, acc_l=res["acc_l"] / 2, h=0.25)
+    (work / "receler_seed3" / "results.json").write_text(json.dumps(res3))
+    table = tmp_path / "table.json"
+    proc = subprocess.run(
+        [sys.executable, str(COMPARE), "--quick", "--concepts", "car", "--methods", "receler",
+         "--seeds", "0,3", "--work", str(tmp_path / "bench"), "--out", str(table),
+         "--collect", "--latency-repeats", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(table.read_text())
+    assert [(r["method"], r.get("seed")) for r in rows] == [
+        ("base (no erasure)", None), ("receler", 0), ("receler", 3)]
+    assert rows[2]["h"] == 0.25 and rows[1]["h"] == res["h"]
+    (spread,) = json.loads(table.with_name("table_seeds.json").read_text())
+    assert spread["seeds"] == [0, 3]
+    assert spread["h"] == pytest.approx((res["h"] + 0.25) / 2)
+    assert spread["h_sd"] == pytest.approx(statistics.stdev([res["h"], 0.25]))
+    assert spread["acc_l_min"] == pytest.approx(res["acc_l"] / 2)
+    md = table.with_suffix(".md").read_text()
+    assert "| seed |" in md and "Across training seeds 0,3" in md
+
+
+def test_across_seeds_summarises_each_method_and_leaves_missing_values_out(compare):
+    def r(method, seed, h, acc_l):
+        return {"method": method, "concept": "star", "seed": seed, "acc_e": 0.0, "acc_r": 0.0,
+                "acc_l": acc_l, "h": h, "attack_success_soft": 0.5 * seed,
+                "two_object_locality": None, "pixel_change_others": 0.1}
+
+    rows = [{"method": "base (no erasure)", "concept": "star", "seed": None},
+            r("a", 0, 0.9, 0.8), r("a", 1, 0.7, 0.6), r("b", 0, 1.0, 1.0)]
+    a, b = compare.across_seeds(rows)
+    assert (a["method"], a["seeds"], b["seeds"]) == ("a", [0, 1], [0])
+    assert a["h"] == pytest.approx(0.8) and a["h_sd"] == pytest.approx(0.1414213562)
+    assert (a["h_min"], a["h_max"]) == (0.7, 0.9)
+    assert a["attack_success_soft"] == 0.25
+    assert a["two_object_locality"] is None and a["two_object_locality_sd"] is None
+    assert b["h"] == 1.0 and b["h_sd"] is None  # one seed: no spread
+    md = compare.spread_markdown([a, b])
+    assert "0.800 ± 0.141 (0.70–0.90)" in md and "| b | star | 0 | 0.000 |" in md
 
 
 def test_published_recipe_and_variants_are_flags_the_protocol_accepts(compare):
