@@ -381,8 +381,10 @@ def main() -> int:
     else:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for concept, runs in order:
-                one(concept, *runs[0])  # alone: it measures the base model the rest share
-                for f in [pool.submit(one, concept, *r) for r in runs[1:]]:
+                if not (work / concept / "base" / "attack.json").is_file():
+                    one(concept, *runs[0])  # alone: it measures the base model the rest share
+                    runs = runs[1:]
+                for f in [pool.submit(one, concept, *r) for r in runs]:
                     f.result()
     if args.latency_repeats:
         measure_alone([folder(*key) for key in results], args.latency_repeats)
