@@ -6,8 +6,17 @@ without downloading them. Base and erased forward passes alternate in one proces
 machine load hits both alike; the ratio of medians is reported.
 
     python benchmarks/overhead.py [--models sd14,sd21,toy] [--repeats 7] [--min-seconds 30]
+    python benchmarks/overhead.py --pipeline [--erasers RUN/erasers] [--min-seconds 120]
 
-Writes benchmarks/results/overhead.json and overhead.md.
+Writes benchmarks/results/overhead.json and overhead.md (``--pipeline``: overhead_pipeline.*).
+
+``--pipeline`` times what a user waits for: whole generations of the shipped toy pipeline
+(text encoder, every DDIM step with classifier-free guidance, VAE decode) at its recommended
+settings. The base is a second copy of the pipeline with *no* erasers or hooks at all, not
+the erased one with its erasers switched off. Generations alternate in ABBA order; each
+pair gives a ratio, and the table reports their median with a bootstrap 95% interval. The
+UNet rows are an upper bound for a whole pipeline: the text encoder and the VAE add time to
+the base and the erased pipeline alike.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from receler import attach_erasers, erasers_disabled
-from receler.erasers import count_parameters
+from receler.erasers import count_parameters, get_erasers
 
 HERE = Path(__file__).resolve().parent
 SD_BLOCKS = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -70,6 +79,65 @@ def measure(name: str, config: dict, tokens: int, rank: int, repeats: int, batch
             "repeats": len(times["base"]), "device": "cpu", "threads": torch.get_num_threads()}
 
 
+def bootstrap_median(values: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median."""
+    import random
+
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return meds[int(0.025 * draws)], meds[int(0.975 * draws) - 1]
+
+
+@torch.no_grad()
+def measure_pipeline(rank: int, erasers: Path | None, images: int, repeats: int,
+                     min_seconds: float) -> dict:
+    """Whole generations of the toy pipeline, base (no hooks) against erased, ABBA pairs."""
+    from receler.methods import load_edit
+    from receler.pipeline import default_model, load_pipeline
+    from receler.sampling import SamplerSettings, generate
+
+    model = default_model()
+    settings = SamplerSettings.for_model(model)
+    base, erased = load_pipeline(model, device="cpu"), load_pipeline(model, device="cpu")
+    if erasers is not None:
+        load_edit(erased, erasers)
+        found = get_erasers(erased.unet)
+        if not found:
+            raise SystemExit(f"error: {erasers} holds no eraser edit: pass a receler run's "
+                             "erasers folder, or leave --erasers out for fresh rank-R erasers")
+    else:  # the cost of a dense layer does not depend on its values
+        found = attach_erasers(erased.unet, rank, generator=torch.Generator().manual_seed(0))
+    prompts, seeds = ["a photo of a red star"] * images, list(range(images))
+    pipes = {"base": base, "erased": erased}
+
+    def one(which: str) -> float:
+        start = time.perf_counter()
+        generate(pipes[which], prompts, seeds, settings=settings, batch_size=images)
+        return time.perf_counter() - start
+
+    one("base"), one("erased")  # warm-up
+    times, ratios = {"base": [], "erased": []}, []
+    start_all = time.perf_counter()
+    while len(ratios) < repeats or time.perf_counter() - start_all < min_seconds:
+        order = ("base", "erased") if len(ratios) % 2 == 0 else ("erased", "base")
+        t = {which: one(which) for which in order}
+        for which in t:
+            times[which].append(t[which])
+        ratios.append(t["erased"] / t["base"] - 1)
+    low, high = bootstrap_median(ratios)
+    unet_params = sum(p.numel() for n, p in base.unet.named_parameters())
+    return {"model": "toy pipeline", "rank": next(iter(found.values())).rank,
+            "erasers": len(found), "eraser_params": count_parameters(found),
+            "unet_params": unet_params, "param_ratio": count_parameters(found) / unet_params,
+            "images": images, "steps": settings.steps, "guidance": settings.guidance,
+            "base_s": statistics.median(times["base"]),
+            "erased_s": statistics.median(times["erased"]),
+            "overhead_ratio": statistics.median(ratios), "overhead_low": low,
+            "overhead_high": high, "repeats": len(ratios), "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "erasers_from": str(erasers) if erasers else None}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="sd14,sd21,toy")
@@ -78,8 +146,20 @@ def main() -> int:
     p.add_argument("--min-seconds", type=float, default=30,
                    help="and keep alternating for at least this long (small models are noisy)")
     p.add_argument("--batch", type=int, default=2, help="2 = one classifier-free guidance step")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "overhead.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: benchmarks/results/overhead.json (overhead_pipeline.json)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="time whole generations of the toy pipeline instead of UNet forwards")
+    p.add_argument("--erasers", type=Path, default=None,
+                   help="with --pipeline: a trained run's erasers folder (default: fresh ones)")
+    p.add_argument("--images", type=int, default=1, help="with --pipeline: images per generation")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.pipeline:
+        return pipeline_main(args)
+    args.out = args.out or HERE / "results" / "overhead.json"
     rows = []
     for name in args.models.split(","):
         config, tokens = toy_config() if name == "toy" else CONFIGS[name]
@@ -100,6 +180,30 @@ def main() -> int:
               f"{100 * r['param_ratio']:.2f}% | {r['repeats']} | {r['base_s']:.4f} | "
               f"{r['erased_s']:.4f} | {100 * r['overhead_ratio']:+.1f}% |" for r in rows]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+def pipeline_main(args) -> int:
+    out = args.out or HERE / "results" / "overhead_pipeline.json"
+    r = measure_pipeline(args.rank, args.erasers, args.images, args.repeats, args.min_seconds)
+    print(f"toy pipeline: {r['erasers']} erasers of rank {r['rank']}, {r['images']} image(s), "
+          f"{r['steps']} steps: {r['base_s']:.3f} s → {r['erased_s']:.3f} s, overhead "
+          f"{100 * r['overhead_ratio']:+.2f}% [{100 * r['overhead_low']:+.2f}%, "
+          f"{100 * r['overhead_high']:+.2f}%] over {r['repeats']} ABBA pairs", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps([r], indent=2) + "\n")
+    cmd = "python " + " ".join(["benchmarks/overhead.py", *sys.argv[1:]])
+    lines = ["# Eraser inference overhead: whole generations of the toy pipeline (CPU)", "",
+             f"`{cmd}`", "",
+             "Base: a copy of the pipeline with no erasers or hooks. Overhead: median of the "
+             "per-pair ratios of ABBA-ordered generations, with a bootstrap 95% interval.", "",
+             "| erasers | rank | eraser params | % of UNet | images × steps | pairs | base s | "
+             "erased s | overhead | 95% interval |", "|---|---|---|---|---|---|---|---|---|---|",
+             f"| {r['erasers']} | {r['rank']} | {r['eraser_params']:,} | "
+             f"{100 * r['param_ratio']:.2f}% | {r['images']} × {r['steps']} | {r['repeats']} | "
+             f"{r['base_s']:.4f} | {r['erased_s']:.4f} | {100 * r['overhead_ratio']:+.2f}% | "
+             f"{100 * r['overhead_low']:+.2f}% to {100 * r['overhead_high']:+.2f}% |"]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 
 
