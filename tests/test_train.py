@@ -166,16 +166,36 @@ def test_reused_trajectory_gives_the_same_z_t_for_fewer_passes(pipe, tmp_path):
     assert rows[-1]["unet_forward"] == 2 * 4 + 4 * 3
 
 
-@pytest.mark.parametrize("anchors", ["", "a photo|a red truck"])
+@pytest.mark.parametrize("anchors", ["", "a photo|a red truck", "|a photo"])
 def test_anchor_term_is_logged_and_the_empty_anchor_costs_no_pass(pipe, tmp_path, anchors):
     erase(pipe, config(adv_steps=0, anchor_weight=1.0, anchors=anchors), tmp_path)
     rows = log_rows(tmp_path)
     # the first iteration's erasers are fresh (`up` = 0): nothing to penalise yet
     assert rows[0]["loss_anchor"] == 0.0 and all(r["loss_anchor"] > 0 for r in rows[1:])
-    extra = 0 if anchors == "" else 1  # a non-empty anchor needs its own frozen pass
+    # every non-empty anchor needs its own frozen pass, one of them per iteration; the empty
+    # prompt rides on the ε(∅) pass
+    extra = 0 if anchors == "" else 1
     expected = sum(2 * r["ddim_step"] + 2 + extra + 1 for r in rows)
     assert rows[-1]["unet_forward"] == expected
     assert rows[-1]["unet_backward"] == len(rows)  # the anchor adds no UNet backward
+
+
+def test_empty_anchor_joins_every_iteration_beside_the_turn_of_the_others(pipe, tmp_path,
+                                                                          monkeypatch):
+    import receler.train as train
+
+    sizes = []  # how many anchor passes each iteration's loss averages
+
+    def counting(outputs):
+        sizes.append(len(outputs))
+        return real(outputs)
+
+    real = train.anchor_loss
+    monkeypatch.setattr(train, "anchor_loss", counting)
+    erase(pipe, config(adv_steps=0, anchor_weight=1.0, anchors="|a photo|a red truck"), tmp_path)
+    rows = log_rows(tmp_path)
+    # two shadowed passes per iteration, each recording every eraser: ε(∅) and one other
+    assert len(sizes) == 2 * len(rows) and len(set(sizes)) == 1 and sizes[0] > 0
 
 
 def test_anchor_term_pulls_eraser_output_on_the_anchor_down(tiny_model_dir, tmp_path):

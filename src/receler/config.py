@@ -84,8 +84,9 @@ class TrainConfig:
         0.0, "weight of the anchor term: what the erasers would add to the frozen model on the "
         "anchor prompts is penalised (0 = off, as in the paper)")
     anchors: str = _f(
-        "", "anchor prompts the erasers must leave alone, separated by '|', one per iteration in "
-        "turn ('' = the empty prompt, which costs no extra UNet pass)")
+        "", "anchor prompts the erasers must leave alone, separated by '|' ('' = the empty "
+        "prompt, anchored every iteration at no extra UNet pass; the others take turns, one "
+        "extra frozen pass per iteration)")
     adv_steps: int = _f(10, "inner soft-prompt attack steps per iteration (0 = no attack)")
     adv_tokens: int = _f(16, "number of adversarial soft tokens after the concept tokens")
     adv_lr: float = _f(1e-2, "learning rate of the adversarial soft tokens (Adam)")

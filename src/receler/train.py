@@ -302,7 +302,11 @@ class Trainer(TrainingLoop):
         self.sched = ddim_scheduler(pipe, config.ddim_steps)
 
         self.uncond = encode(pipe, [""])
-        self.anchors = [self.uncond if a == "" else encode(pipe, [a]) for a in config.anchor_prompts]
+        # The empty prompt, when listed, is anchored every iteration: its pass is the ε(∅)
+        # pass the target needs anyway. The other anchors take turns, one extra pass each.
+        self.anchor_empty = config.anchor_weight > 0 and "" in config.anchor_prompts
+        self.anchors = ([encode(pipe, [a]) for a in config.anchor_prompts if a != ""]
+                        if config.anchor_weight else [])
         self.concepts = config.concepts
         self.cond = {c: encode(pipe, [c]) for c in self.concepts}
         self.tokens = {c: concept_token_indices(pipe.tokenizer, c) for c in self.concepts}
@@ -334,19 +338,21 @@ class Trainer(TrainingLoop):
         cond = self.cond[concept]
 
         # 2. frozen targets; attention of the concept prompt gives the mask; the erasers
-        # shadow an anchor prompt's pass (the empty prompt's is the ε(∅) pass itself)
-        anchor = (self.anchors[self.iteration % len(self.anchors)] if cfg.anchor_weight
-                  else None)
+        # shadow the anchor prompts' passes (the empty prompt's is the ε(∅) pass itself)
+        anchor = self.anchors[self.iteration % len(self.anchors)] if self.anchors else None
+        shadowed = []
         with torch.no_grad(), erasers_disabled(unet):
-            with (shadow_eraser_outputs(unet) if anchor is self.uncond
-                  else contextlib.nullcontext()) as shadowed:
+            with (shadow_eraser_outputs(unet) if self.anchor_empty
+                  else contextlib.nullcontext()) as outs:
                 e_uncond = unet_eps(unet, z, t, self.uncond)
+            shadowed += [outs] if self.anchor_empty else []
             with capture_cross_attention(unet, detach=True) as maps:
                 e_cond = unet_eps(unet, z, t, cond)
             self.passes(2)
-            if anchor is not None and anchor is not self.uncond:
-                with shadow_eraser_outputs(unet) as shadowed:
+            if anchor is not None:
+                with shadow_eraser_outputs(unet) as outs:
                     unet_eps(unet, z, t, anchor)
+                shadowed.append(outs)
                 self.passes(1)
         attention = concept_attention(maps, self.tokens[concept], self.latent_hw,
                                       cfg.mask_resolution)
@@ -376,12 +382,13 @@ class Trainer(TrainingLoop):
         loss_e = erase_loss(e_erased, target.expand(n, -1, -1, -1))
         loss_m = (mask_loss(outputs, mask.expand(n, -1, -1), self.latent_hw) if cfg.reg_weight
                   else torch.zeros(()))
-        loss_a = anchor_loss(shadowed) if anchor is not None else torch.zeros(())
+        loss_a = (sum(map(anchor_loss, shadowed)) / len(shadowed) if shadowed
+                  else torch.zeros(()))
         self.update(loss_e + cfg.reg_weight * loss_m + cfg.anchor_weight * loss_a,
                     tuple(attack_losses), samples=n)
         return IterationResult(self.iteration, concept, steps_done, int(t), loss_e.item(),
                                loss_m.item(), attack_losses, mask[0].cpu(), attention[0].cpu(),
-                               loss_a.item() if anchor is not None else None)
+                               loss_a.item() if shadowed else None)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> Path:
