@@ -53,7 +53,7 @@ PUBLISHED = {"label": "receler (published recipe)", "method": "receler",
 
 def variant(flags: str) -> dict:
     """A ``receler`` run with other flags (``--variant``), labelled by them."""
-    return {"label": f"receler ({flags})", "method": "receler", "flags": flags.split()}
+    return {"label": f"receler ({flags})", "method": "receler", "flags": shlex.split(flags)}
 
 
 def run_protocol(concept: str, method: str, out: Path, base: Path, flags: list[str],
@@ -292,7 +292,9 @@ def main() -> int:
     lock = threading.Lock()
 
     def folder(concept: str, label: str, seed: int = 0) -> Path:
-        name = label.replace(" ", "_").replace("(", "").replace(")", "")
+        name = label.replace(" ", "_")
+        for c in "()'\"|":
+            name = name.replace(c, "")
         return work / concept / (f"{name}_seed{seed}" if seed else name)
 
     order = []  # (concept, [(label, method, flags, seed)]), seed by seed

@@ -118,3 +118,5 @@ def test_published_recipe_and_variants_are_flags_the_protocol_accepts(compare):
     assert v["label"] == "receler (--reg-weight 5 --seed 1)" and v["method"] == "receler"
     ns = parsed(v["flags"])
     assert (ns.reg_weight, ns.seed) == (5.0, 1)
+    quoted = compare.variant("--anchors '|a red|a blue'")  # a flag value with spaces
+    assert parsed(quoted["flags"]).anchors == "|a red|a blue"
