@@ -100,6 +100,46 @@ def pixel_change_others(res: dict) -> float | None:
     return float(np.mean(diffs))
 
 
+def picture(concept: str, runs: list[tuple[str, dict]], n_concept: int = 3, n_others: int = 6):
+    """One row per method (base first): the same prompts and seeds, the concept's images
+    first (its simple prompts, or for a style its style prompts), then one image of each of
+    ``n_others`` other classes, which should not change."""
+    from PIL import Image
+
+    from receler.eval.prompts import read_prompts
+    from receler.protocol import PromptSets
+    from receler.viz import image_grid
+
+    res0 = runs[0][1]
+    given = res0["config"].get("prompts")
+    rows = read_prompts(Path(given["simple"]) if given else PromptSets.toy().simple)
+    base = Path(res0["base_images"])
+    if (base / "style").is_dir():
+        cells = [("style", p.name, concept) for p in sorted((base / "style").glob("*_0.png"),
+                                                           key=lambda p: int(p.stem[:-2]))]
+    else:
+        cells = [("simple", f"{r.case_number}_0.png", concept) for r in rows
+                 if r.class_name == concept]
+    cells = cells[:n_concept]
+    seen: set[str] = set()
+    for r in rows:
+        if r.class_name not in (concept, None) and r.class_name not in seen and \
+                len(seen) < n_others:
+            seen.add(r.class_name)
+            cells.append(("simple", f"{r.case_number}_0.png", r.class_name))
+    folders = [("base", base)] + [(label, Path(res["config"]["out"]) / "images" / "erased")
+                                  for label, res in runs]
+    images = []
+    for _, folder in folders:
+        for kind, name, _ in cells:
+            f = folder / kind / name
+            images.append(Image.open(f).convert("RGB") if f.is_file()
+                          else Image.new("RGB", (32, 32), (128, 128, 128)))
+    scale = max(1, 64 // images[0].size[0])
+    return image_grid(images, cols=len(cells), row_labels=[label for label, _ in folders],
+                      col_labels=[c for _, _, c in cells], scale=scale)
+
+
 LATENCY_FILE = "latency_alone.json"
 
 
@@ -343,6 +383,13 @@ def main() -> int:
         if missing:
             header += f"\n\nNot finished: {', '.join(missing)}."
         text = markdown(rows, header)
+        for concept, runs in order:
+            first = [(label, results[concept, label, seed][0]) for label, _, _, seed in runs
+                     if seed == seeds[0] and (concept, label, seed) in results]
+            if first:
+                png = args.out.with_name(f"{args.out.stem}_{concept}.png")
+                picture(concept, first).save(png)
+                text += f"\n![{concept}: what each method generates]({png.name})\n"
         if summary:
             text += (f"\n## Across training seeds {','.join(map(str, seeds))}\n\nmean ± sample "
                      "standard deviation (min–max) of each method's per-seed figures.\n\n"

@@ -83,6 +83,12 @@ def test_latency_is_measured_again_alone_and_used_in_the_row(compare, tiny_model
     assert spread["acc_l_min"] == pytest.approx(res["acc_l"] / 2)
     md = table.with_suffix(".md").read_text()
     assert "| seed |" in md and "Across training seeds 0,3" in md
+    # the picture: base and seed 0's receler, the concept's images then the other classes'
+    from PIL import Image
+
+    grid = Image.open(table.with_name("table_car.png"))
+    assert "table_car.png" in md
+    assert grid.height == 14 + 2 * (64 + 2) + 2  # column labels, two rows scaled to 64 px
 
 
 def test_across_seeds_summarises_each_method_and_leaves_missing_values_out(compare):
