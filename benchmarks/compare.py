@@ -56,6 +56,14 @@ def variant(flags: str) -> dict:
     return {"label": f"receler ({flags})", "method": "receler", "flags": shlex.split(flags)}
 
 
+def run_folder(work: Path, concept: str, label: str, seed: int = 0) -> Path:
+    """``WORK/CONCEPT/LABEL[_seedN]``, the label without spaces, brackets, quotes or pipes."""
+    name = label.replace(" ", "_")
+    for c in "()'\"|":
+        name = name.replace(c, "")
+    return work / concept / (f"{name}_seed{seed}" if seed else name)
+
+
 def run_protocol(concept: str, method: str, out: Path, base: Path, flags: list[str],
                  model: str | None, threads: int) -> tuple[dict, float]:
     """One protocol run in a child process with ``threads`` torch threads (unless
@@ -73,6 +81,33 @@ def run_protocol(concept: str, method: str, out: Path, base: Path, flags: list[s
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed; see {log}")
     return json.loads((out / "results.json").read_text()), usage.ru_maxrss / 1024
+
+
+def stale(out: Path, concept: str, method: str, flags: list[str], model: str | None) -> str | None:
+    """How a finished run folder differs from what these flags would run now (a training
+    setting of its erasers, or the size of its evaluation); ``None`` when it may be reused."""
+    import contextlib
+    import io
+
+    from receler.cli import _train_config, build_parser
+    from receler.methods.edits import EditConfig
+    from receler.methods.registry import settings_mismatch
+    from receler.serialization import CONFIG_FILE
+
+    argv = ["protocol", "--concept", concept, "--method", method, "--out", str(out), *flags]
+    args = build_parser().parse_args(argv + (["--model", model] if model else []))
+    with contextlib.redirect_stderr(io.StringIO()):  # it announces the model's recommendations
+        train = _train_config(args, concept, method)
+    why = settings_mismatch(method, train, EditConfig.load(out / "erasers" / CONFIG_FILE))
+    if why:
+        return why
+    done = json.loads((out / "results.json").read_text())["config"]
+    for key in ("per_class", "concept_rows", "attack_images"):
+        if done[key] != getattr(args, key):
+            return f"{key}={done[key]}, not {getattr(args, key)}"
+    if done["attack"]["steps"] != args.attack_steps:
+        return f"attack_steps={done['attack']['steps']}, not {args.attack_steps}"
+    return None
 
 
 def pixel_change_others(res: dict) -> float | None:
@@ -332,10 +367,7 @@ def main() -> int:
     lock = threading.Lock()
 
     def folder(concept: str, label: str, seed: int = 0) -> Path:
-        name = label.replace(" ", "_")
-        for c in "()'\"|":
-            name = name.replace(c, "")
-        return work / concept / (f"{name}_seed{seed}" if seed else name)
+        return run_folder(work, concept, label, seed)
 
     order = []  # (concept, [(label, method, flags, seed)]), seed by seed
     for i, concept in enumerate(concepts):
@@ -396,18 +428,23 @@ def main() -> int:
                      + spread_markdown(summary))
         args.out.with_suffix(".md").write_text(text)
 
-    def finished(concept: str, label: str, seed: int) -> bool:
-        """Load a run whose folder already holds its results (reused, not run again)."""
+    def finished(concept: str, label: str, method: str, extra: list[str], seed: int) -> bool:
+        """Load a run whose folder already holds its results (reused, not run again), after
+        checking that it was run with the settings these flags ask for."""
         out = folder(concept, label, seed)
         if not (out / "results.json").is_file():
             return False
+        why = stale(out, concept, method, flags + extra, args.model)
+        if why:
+            raise SystemExit(f"error: {out} holds a finished run with {why}: delete that folder "
+                             "to run it with the current settings, or choose another --work")
         peak_file = out / "peak_mem_mb.txt"
         peak = float(peak_file.read_text()) if peak_file.is_file() else None
         results[concept, label, seed] = json.loads((out / "results.json").read_text()), peak
         return True
 
     def one(concept: str, label: str, method: str, extra: list[str], seed: int) -> None:
-        if finished(concept, label, seed):
+        if finished(concept, label, method, extra, seed):
             print(f"{concept:>10} {label:<28} seed {seed}: reused {folder(concept, label, seed)}",
                   flush=True)
             return
@@ -424,8 +461,8 @@ def main() -> int:
 
     if args.collect:  # rebuild the table from finished run folders, run nothing
         for concept, runs in order:
-            for label, _, _, seed in runs:
-                finished(concept, label, seed)
+            for label, method, extra, seed in runs:
+                finished(concept, label, method, extra, seed)
         write()
     else:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

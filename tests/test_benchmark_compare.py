@@ -58,23 +58,36 @@ def test_latency_is_measured_again_alone_and_used_in_the_row(compare, tiny_model
     compare.measure_alone([out], repeats=2)
     assert (out / compare.LATENCY_FILE).stat().st_mtime_ns == before
 
-    # --seeds: the run stands in for seeds 0 and 3 of a benchmark's work folder (seed 3's
-    # results are edited so that the two differ); --collect reads both, reuses the finished
-    # folders and writes the per-seed rows and their spread.
-    work = tmp_path / "bench" / "quick" / "car"
-    shutil.copytree(out, work / "receler")
-    shutil.copytree(out, work / "receler_seed3")
+    # --seeds: the run stands in for seeds 0 and 3 of a benchmark's work folder, as a
+    # variant whose flags are its settings (seed 3's erasers and results are edited so that
+    # the two differ); --collect checks and reuses both finished folders and writes the
+    # per-seed rows, their spread and the picture.
+    flags = ("--iterations 2 --ddim-steps 3 --adv-steps 0 --rank 4 --per-class 1 "
+             "--concept-rows 1 --attack-images 1 --attack-steps 1")
+    label = f"receler ({flags})"
+    work = tmp_path / "bench"
+    seed0, seed3 = (compare.run_folder(work / "quick", "car", label, s) for s in (0, 3))
+    shutil.copytree(out, seed0)
+    shutil.copytree(out, seed3)
+    saved = json.loads((seed3 / "erasers" / "eraser_config.json").read_text())
+    saved["train"]["seed"] = 3
+    (seed3 / "erasers" / "eraser_config.json").write_text(json.dumps(saved))
     res3 = dict(res, acc_l=res["acc_l"] / 2, h=0.25)
-    (work / "receler_seed3" / "results.json").write_text(json.dumps(res3))
+    (seed3 / "results.json").write_text(json.dumps(res3))
     table = tmp_path / "table.json"
-    proc = subprocess.run(
-        [sys.executable, str(COMPARE), "--quick", "--concepts", "car", "--methods", "receler",
-         "--seeds", "0,3", "--work", str(tmp_path / "bench"), "--out", str(table),
-         "--collect", "--latency-repeats", "0"], capture_output=True, text=True, timeout=300)
+
+    def collect(variant):
+        return subprocess.run(
+            [sys.executable, str(COMPARE), "--quick", "--concepts", "car", "--methods", "",
+             f"--variant={variant}", "--seeds", "0,3", "--work", str(work), "--out", str(table),
+             "--model", str(tiny_model_dir), "--collect", "--latency-repeats", "0"],
+            capture_output=True, text=True, timeout=300)
+
+    proc = collect(flags)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(table.read_text())
     assert [(r["method"], r.get("seed")) for r in rows] == [
-        ("base (no erasure)", None), ("receler", 0), ("receler", 3)]
+        ("base (no erasure)", None), (label, 0), (label, 3)]
     assert rows[2]["h"] == 0.25 and rows[1]["h"] == res["h"]
     (spread,) = json.loads(table.with_name("table_seeds.json").read_text())
     assert spread["seeds"] == [0, 3]
@@ -83,12 +96,19 @@ def test_latency_is_measured_again_alone_and_used_in_the_row(compare, tiny_model
     assert spread["acc_l_min"] == pytest.approx(res["acc_l"] / 2)
     md = table.with_suffix(".md").read_text()
     assert "| seed |" in md and "Across training seeds 0,3" in md
-    # the picture: base and seed 0's receler, the concept's images then the other classes'
+    # the picture: base and seed 0's run, the concept's images then the other classes'
     from PIL import Image
 
     grid = Image.open(table.with_name("table_car.png"))
     assert "table_car.png" in md
     assert grid.height == 14 + 2 * (64 + 2) + 2  # column labels, two rows scaled to 64 px
+
+    # A finished folder trained with other settings is refused, not reported under these.
+    (seed3 / "erasers" / "eraser_config.json").write_text(
+        json.dumps(dict(saved, train=dict(saved["train"], iterations=7))))
+    proc = collect(flags)
+    assert proc.returncode != 0
+    assert "holds a finished run with iterations=7, not 2" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_across_seeds_summarises_each_method_and_leaves_missing_values_out(compare):
