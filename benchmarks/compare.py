@@ -10,10 +10,13 @@ attack results are shared by all methods of a concept. The table goes to
     python benchmarks/compare.py --quick --seeds 0,1,2   # every training seed: mean ± sd
 
 A finished run folder (one with ``results.json``) is reused, not run again, so a killed
-benchmark picks up where it stopped; delete a folder to run it again. ``--seeds`` trains every
+benchmark picks up where it stopped; delete a folder to run it again. A finished folder run
+with other settings stops the benchmark with the setting named. ``--seeds`` trains every
 method once per seed (the evaluation prompts and their seeds stay the same, so the base model is
 measured once); the per-seed rows go to ``compare.json`` with a ``seed`` key, and the mean,
 standard deviation and range over the seeds to ``compare_seeds.json`` and ``compare.md``.
+Each concept also gets ``compare_<concept>.png``: every method's images of the same prompts
+and seeds, the concept's first, then one of each other class.
 
 Every method trains with its default settings for the model (on the toy model: the settings
 its ``receler_defaults.json`` recommends, else the paper's). ``--jobs 2`` runs two protocols
