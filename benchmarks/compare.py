@@ -337,8 +337,8 @@ def main() -> int:
                         '--variant="--reg-weight 5" (repeatable)')
     p.add_argument("--seeds", default="0",
                    help="comma-separated training seeds; every method is trained once per seed "
-                        "and the table gains mean ± sd over them (the published recipe runs on "
-                        "the first seed only)")
+                        "and the table gains mean ± sd over them (the published recipe, and "
+                        "methods that do not train (uce, sld), run on the first seed only)")
     p.add_argument("--collect", action="store_true",
                    help="rebuild the table from the run folders that finished, training "
                         "nothing (it still measures the latency of runs that lack it)")
@@ -372,6 +372,13 @@ def main() -> int:
     def folder(concept: str, label: str, seed: int = 0) -> Path:
         return run_folder(work, concept, label, seed)
 
+    from receler.methods import get_method
+
+    def seeded(method: str) -> bool:
+        """Whether the method's result depends on the training seed (UCE and SLD do not:
+        the first seed's run stands for all)."""
+        return "seed" in get_method(method).config_fields
+
     order = []  # (concept, [(label, method, flags, seed)]), seed by seed
     for i, concept in enumerate(concepts):
         runs = []
@@ -382,7 +389,7 @@ def main() -> int:
                 # the longest run early, so that it overlaps the others with --jobs > 1
                 by_seed.insert(1, (PUBLISHED["label"], PUBLISHED["method"], PUBLISHED["flags"]))
             runs += [(label, m, f + (["--seed", str(seed)] if seed else []), seed)
-                     for label, m, f in by_seed]
+                     for label, m, f in by_seed if j == 0 or seeded(m)]
         order.append((concept, runs))
 
     def write() -> None:

@@ -111,6 +111,20 @@ def test_latency_is_measured_again_alone_and_used_in_the_row(compare, tiny_model
     assert "holds a finished run with iterations=7, not 2" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_seeds_run_only_the_methods_that_train(compare, tmp_path):
+    """UCE and SLD do not read the seed: --seeds runs them once. --collect lists what is
+    missing, so an empty work folder shows the whole plan."""
+    table = tmp_path / "t.json"
+    proc = subprocess.run(
+        [sys.executable, str(COMPARE), "--quick", "--methods", "receler,uce,sld", "--seeds",
+         "0,5", "--work", str(tmp_path / "w"), "--out", str(table), "--collect",
+         "--latency-repeats", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    md = table.with_suffix(".md").read_text()
+    planned = md.split("Not finished: ")[1].split(".\n")[0].split(", ")
+    assert sorted(planned) == ["star/receler", "star/receler_seed5", "star/sld", "star/uce"]
+
+
 def test_across_seeds_summarises_each_method_and_leaves_missing_values_out(compare):
     def r(method, seed, h, acc_l):
         return {"method": method, "concept": "star", "seed": seed, "acc_e": 0.0, "acc_r": 0.0,
