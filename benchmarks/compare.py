@@ -418,7 +418,7 @@ def main() -> int:
                   "forward and backward passes per sample; overhead_ratio is the extra "
                   "generation latency of the edited model against the base model, measured "
                   "interleaved in one process" + (
-                      f" after the runs, one run at a time with every core ({args.latency_repeats}"
+                      f" after the runs, one run at a time with every core, for the first seed's runs ({args.latency_repeats}"
                       " ABBA repeats of 4 images; the protocol's own figure, measured beside the "
                       "other jobs, is overhead_ratio_protocol in the JSON)"
                       if args.latency_repeats else "") + ".")
