@@ -20,7 +20,8 @@ and seeds, the concept's first, then one of each other class.
 
 Every method trains with its default settings for the model (on the toy model: the settings
 its ``receler_defaults.json`` recommends, else the paper's). ``--jobs 2`` runs two protocols
-at a time once the concept's base model has been measured; training times then share the CPU.
+at a time, across concepts, each concept's first run alone until its base model has been
+measured; training times then share the CPU.
 So does the protocol's latency measurement, so after the runs each run's overhead is measured
 again, one run at a time with every core (``--latency-repeats``), and that figure goes into
 the table.
@@ -476,12 +477,18 @@ def main() -> int:
         write()
     else:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            def first_then_rest(concept: str, runs: list) -> list:
+                one(concept, *runs[0])  # before the rest: it measures the base model they share
+                return [pool.submit(one, concept, *r) for r in runs[1:]]
+
+            pending = []  # every concept's runs share the jobs
             for concept, runs in order:
-                if not (work / concept / "base" / "attack.json").is_file():
-                    one(concept, *runs[0])  # alone: it measures the base model the rest share
-                    runs = runs[1:]
-                for f in [pool.submit(one, concept, *r) for r in runs]:
-                    f.result()
+                if (work / concept / "base" / "attack.json").is_file():
+                    pending += [pool.submit(one, concept, *r) for r in runs]
+                elif runs:
+                    pending.append(pool.submit(first_then_rest, concept, runs))
+            while pending:
+                pending += pending.pop(0).result() or []
     if args.latency_repeats:
         # the first seed's runs: another seed's erasers have the same shapes and cost the same
         measure_alone([folder(*key) for key in results if key[2] == seeds[0]],
