@@ -20,8 +20,8 @@ and seeds, the concept's first, then one of each other class.
 
 Every method trains with its default settings for the model (on the toy model: the settings
 its ``receler_defaults.json`` recommends, else the paper's). ``--jobs 2`` runs two protocols
-at a time, across concepts, each concept's first run alone until its base model has been
-measured; training times then share the CPU.
+at a time, across concepts; a concept's other runs wait for its first one while that one
+measures the base model they share. Training times then share the CPU.
 So does the protocol's latency measurement, so after the runs each run's overhead is measured
 again, one run at a time with every core (``--latency-repeats``), and that figure goes into
 the table.
