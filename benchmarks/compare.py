@@ -47,12 +47,13 @@ COLUMNS = ["method", "concept", "acc_e", "acc_r", "acc_l", "h", "attack_success_
            "two_object_locality", "pixel_change_others", "train_seconds", "unet_passes",
            "trainable_params", "overhead_ratio", "peak_mem_mb"]
 # The published Receler recipe's compute: 500 iterations × 50 inner adversarial steps from
-# the first iteration, z_t sampled with 50 DDIM steps, no anchor term (the paper has none).
-# The other settings are the toy model's recommendations before the anchor term (session 3):
-# the mask weight stays 5, where the paper's 0.1 does not erase on the toy model.
+# the first iteration, z_t sampled with 50 DDIM steps, rank 128, no anchor term (the paper
+# has none). The other settings are the toy model's recommendations of session 3: the mask
+# weight stays 5, where the paper's 0.1 does not erase on the toy model.
 PUBLISHED = {"label": "receler (published recipe)", "method": "receler",
              "flags": ["--iterations", "500", "--adv-steps", "50", "--ddim-steps", "50",
-                       "--adv-start", "0", "--anchor-weight", "0", "--reg-weight", "5"]}
+                       "--adv-start", "0", "--anchor-weight", "0", "--reg-weight", "5",
+                       "--rank", "128"]}
 
 
 def variant(flags: str) -> dict:

@@ -152,7 +152,8 @@ def test_published_recipe_and_variants_are_flags_the_protocol_accepts(compare):
 
     pub = parsed(compare.PUBLISHED["flags"])
     assert (pub.iterations, pub.adv_steps, pub.ddim_steps, pub.adv_start) == (500, 50, 50, 0)
-    assert (pub.anchor_weight, pub.reg_weight) == (0.0, 5.0)  # the settings of its stored run
+    # the settings of its stored run
+    assert (pub.anchor_weight, pub.reg_weight, pub.rank) == (0.0, 5.0, 128)
 
     v = compare.variant("--reg-weight 5 --seed 1")
     assert v["label"] == "receler (--reg-weight 5 --seed 1)" and v["method"] == "receler"
