@@ -141,7 +141,8 @@ def measure_pipeline(rank: int, erasers: Path | None, images: int, repeats: int,
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="sd14,sd21,toy")
-    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--rank", default="128",
+                   help="eraser rank; with --pipeline a comma-separated list is measured in turn")
     p.add_argument("--repeats", type=int, default=7, help="at least this many pairs of runs")
     p.add_argument("--min-seconds", type=float, default=30,
                    help="and keep alternating for at least this long (small models are noisy)")
@@ -163,7 +164,7 @@ def main() -> int:
     rows = []
     for name in args.models.split(","):
         config, tokens = toy_config() if name == "toy" else CONFIGS[name]
-        rows.append(measure(name, config, tokens, args.rank, args.repeats, args.batch,
+        rows.append(measure(name, config, tokens, int(args.rank), args.repeats, args.batch,
                             args.min_seconds))
         r = rows[-1]
         print(f"{name}: {r['erasers']} erasers, {100 * r['param_ratio']:.2f}% of the UNet's "
@@ -185,24 +186,31 @@ def main() -> int:
 
 def pipeline_main(args) -> int:
     out = args.out or HERE / "results" / "overhead_pipeline.json"
-    r = measure_pipeline(args.rank, args.erasers, args.images, args.repeats, args.min_seconds)
-    print(f"toy pipeline: {r['erasers']} erasers of rank {r['rank']}, {r['images']} image(s), "
-          f"{r['steps']} steps: {r['base_s']:.3f} s → {r['erased_s']:.3f} s, overhead "
-          f"{100 * r['overhead_ratio']:+.2f}% [{100 * r['overhead_low']:+.2f}%, "
-          f"{100 * r['overhead_high']:+.2f}%] over {r['repeats']} ABBA pairs", flush=True)
+    ranks = [int(r) for r in args.rank.split(",")]
+    if args.erasers is not None and len(ranks) > 1:
+        raise SystemExit("error: --erasers fixes the rank: pass one --rank or leave --erasers out")
+    rows = []
+    for rank in ranks:
+        r = measure_pipeline(rank, args.erasers, args.images, args.repeats, args.min_seconds)
+        rows.append(r)
+        print(f"toy pipeline: {r['erasers']} erasers of rank {r['rank']}, {r['images']} image(s), "
+              f"{r['steps']} steps: {r['base_s']:.3f} s → {r['erased_s']:.3f} s, overhead "
+              f"{100 * r['overhead_ratio']:+.2f}% [{100 * r['overhead_low']:+.2f}%, "
+              f"{100 * r['overhead_high']:+.2f}%] over {r['repeats']} ABBA pairs", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps([r], indent=2) + "\n")
+    out.write_text(json.dumps(rows, indent=2) + "\n")
     cmd = "python " + " ".join(["benchmarks/overhead.py", *sys.argv[1:]])
     lines = ["# Eraser inference overhead: whole generations of the toy pipeline (CPU)", "",
              f"`{cmd}`", "",
              "Base: a copy of the pipeline with no erasers or hooks. Overhead: median of the "
              "per-pair ratios of ABBA-ordered generations, with a bootstrap 95% interval.", "",
              "| erasers | rank | eraser params | % of UNet | images × steps | pairs | base s | "
-             "erased s | overhead | 95% interval |", "|---|---|---|---|---|---|---|---|---|---|",
-             f"| {r['erasers']} | {r['rank']} | {r['eraser_params']:,} | "
-             f"{100 * r['param_ratio']:.2f}% | {r['images']} × {r['steps']} | {r['repeats']} | "
-             f"{r['base_s']:.4f} | {r['erased_s']:.4f} | {100 * r['overhead_ratio']:+.2f}% | "
-             f"{100 * r['overhead_low']:+.2f}% to {100 * r['overhead_high']:+.2f}% |"]
+             "erased s | overhead | 95% interval |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['erasers']} | {r['rank']} | {r['eraser_params']:,} | "
+              f"{100 * r['param_ratio']:.2f}% | {r['images']} × {r['steps']} | {r['repeats']} | "
+              f"{r['base_s']:.4f} | {r['erased_s']:.4f} | {100 * r['overhead_ratio']:+.2f}% | "
+              f"{100 * r['overhead_low']:+.2f}% to {100 * r['overhead_high']:+.2f}% |"
+              for r in rows]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 
