@@ -148,3 +148,19 @@ def test_shadow_outputs_leave_the_base_output_and_train_only_the_erasers():
                for e in erasers.values())
     assert all(p.grad is None for n, p in unet.named_parameters() if ".eraser." not in n)
     assert not any(e.shadow or e.recorder for e in erasers.values())  # restored after
+
+
+def test_eraser_is_the_residual_mlp_in_its_own_dtype():
+    """The functional forward is up(GELU(down(a))) with the layers' weights, computed in the
+    eraser's dtype and returned in the input's."""
+    from receler.erasers import Eraser
+
+    e = Eraser(6, 4, generator=torch.Generator().manual_seed(0))
+    torch.nn.init.normal_(e.up.weight)
+    torch.nn.init.normal_(e.up.bias)
+    a = torch.randn(2, 5, 6)
+    expected = e.up(torch.nn.functional.gelu(e.down(a)))
+    assert torch.equal(e(a), expected)
+    half = e(a.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), e(a.to(torch.bfloat16).float()).to(torch.bfloat16).float())

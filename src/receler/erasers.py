@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ERASER_ATTR = "eraser"
@@ -38,7 +39,6 @@ class Eraser(nn.Module):
         if dim <= 0 or rank <= 0:
             raise ValueError(f"eraser dim and rank must be positive, got dim={dim}, rank={rank}")
         self.down = nn.Linear(dim, rank)
-        self.act = nn.GELU()
         self.up = nn.Linear(rank, dim)
         self.reset_parameters(generator)
         self.enabled = True
@@ -65,9 +65,14 @@ class Eraser(nn.Module):
         return self.down.out_features
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
+        # Functional calls on the submodules' weights: three nn.Module calls per eraser cost
+        # about 40 µs on the CPU, as much as the eraser's arithmetic on the toy model.
         # Erasers may be kept in fp32 on a half-precision UNet: compute in their dtype.
-        out = self.up(self.act(self.down(a.to(self.down.weight.dtype))))
-        return out.to(a.dtype)
+        dtype = self.down.weight.dtype
+        x = a if a.dtype == dtype else a.to(dtype)
+        out = F.linear(F.gelu(F.linear(x, self.down.weight, self.down.bias)),
+                       self.up.weight, self.up.bias)
+        return out if out.dtype == a.dtype else out.to(a.dtype)
 
 
 def _eraser_hook(module: nn.Module, args, output):
@@ -79,11 +84,13 @@ def _eraser_hook(module: nn.Module, args, output):
             f"the attention processor of {type(module).__name__} returned {type(output).__name__}; "
             "erasers need a tensor output"
         )
+    # eraser.forward, not eraser(...): no hooks are put on erasers, and Module.__call__ is
+    # overhead on every cross-attention layer at every step
     if eraser.shadow:  # what the eraser would add to the frozen model; graph only through it
         with torch.enable_grad():
-            delta = eraser(output.detach())
+            delta = eraser.forward(output.detach())
     else:
-        delta = eraser(output)
+        delta = eraser.forward(output)
     if eraser.recorder is not None:
         store, key = eraser.recorder
         store[key] = delta
