@@ -298,7 +298,7 @@ def spread_markdown(summary: list[dict]) -> str:
 
     cols = ["method", "concept", "seeds"] + SPREAD
     lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
-    lines += ["| " + " | ".join([s["method"], s["concept"], ",".join(map(str, s["seeds"]))]
+    lines += ["| " + " | ".join([fmt(s["method"]), s["concept"], ",".join(map(str, s["seeds"]))]
                                 + [cell(s, c) for c in SPREAD]) + " |" for s in summary]
     return "\n".join(lines) + "\n"
 
@@ -308,7 +308,7 @@ def fmt(v) -> str:
         return "–"
     if isinstance(v, float):
         return f"{v:.3f}"
-    return str(v)
+    return str(v).replace("|", "\\|")  # a pipe in a label would end the table cell
 
 
 def markdown(rows: list[dict], header: str) -> str:
