@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 METHODS = ["receler", "receler-eraser-only", "receler-eraser-reg", "receler-eraser-adv",
            "esd-x", "esd-u", "uce", "sld"]
 COLUMNS = ["method", "concept", "acc_e", "acc_r", "acc_l", "h", "attack_success_soft",
-           "two_object_locality", "pixel_change_others", "train_seconds", "unet_passes",
+           "two_object_locality", "classes_lost", "pixel_change_others", "train_seconds", "unet_passes",
            "trainable_params", "overhead_ratio", "peak_mem_mb"]
 # The published Receler recipe's compute: 500 iterations × 50 inner adversarial steps from
 # the first iteration, z_t sampled with 50 DDIM steps, rank 128, no anchor term (the paper
@@ -91,9 +91,6 @@ def run_protocol(concept: str, method: str, out: Path, base: Path, flags: list[s
 def stale(out: Path, concept: str, method: str, flags: list[str], model: str | None) -> str | None:
     """How a finished run folder differs from what these flags would run now (a training
     setting of its erasers, or the size of its evaluation); ``None`` when it may be reused."""
-    import contextlib
-    import io
-
     from receler.cli import _train_config, build_parser
     from receler.methods.edits import EditConfig
     from receler.methods.registry import settings_mismatch
@@ -101,8 +98,9 @@ def stale(out: Path, concept: str, method: str, flags: list[str], model: str | N
 
     argv = ["protocol", "--concept", concept, "--method", method, "--out", str(out), *flags]
     args = build_parser().parse_args(argv + (["--model", model] if model else []))
-    with contextlib.redirect_stderr(io.StringIO()):  # it announces the model's recommendations
-        train = _train_config(args, concept, method)
+    # quiet: no announcement of the model's recommendations (redirecting stderr instead
+    # would swallow other jobs' output, stderr being shared by the threads)
+    train = _train_config(args, concept, method, quiet=True)
     why = settings_mismatch(method, train, EditConfig.load(out / "erasers" / CONFIG_FILE))
     if why:
         return why
@@ -138,6 +136,22 @@ def pixel_change_others(res: dict) -> float | None:
                     - np.asarray(Image.open(edited / n).convert("RGB"), np.float32)).mean() / 255
              for n in names]
     return float(np.mean(diffs))
+
+
+def locality_by_class(res: dict) -> dict[str, dict[str, float]]:
+    """Detection rate of each other class on its simple prompts, edited and base model (same
+    prompts and seeds): Acc_L says how much locality was lost, this says where."""
+    def rates(metrics: dict) -> dict[str, float]:
+        return {r["class_name"]: r["rate"]["rate"] for r in metrics.get("per_class", [])}
+
+    edited, base = rates(res["metrics"]), rates(res["base"]["metrics"])
+    return {c: {"edited": edited[c], "base": base[c]} for c in edited
+            if c != res["concept"] and c in base}
+
+
+def classes_lost(by_class: dict[str, dict[str, float]]) -> list[str]:
+    """The other classes detected at less than half their base model's rate."""
+    return [c for c, r in by_class.items() if r["edited"] < r["base"] / 2]
 
 
 def picture(concept: str, runs: list[tuple[str, dict]], n_concept: int = 3, n_others: int = 6):
@@ -230,6 +244,7 @@ def measure_alone(outs: list[Path], repeats: int) -> None:
 def row(label: str, concept: str, res: dict, peak_mb: float | None,
         alone: dict | None = None, seed: int = 0) -> dict:
     train = res.get("train") or {}  # the method's stats from eraser_config.json
+    by_class = locality_by_class(res)
     passes = None
     if "unet_forward" in train:
         passes = train["unet_forward"] + train["unet_backward"]
@@ -238,6 +253,7 @@ def row(label: str, concept: str, res: dict, peak_mb: float | None,
             "attack_success_soft": res["attack_success_soft"],
             "attack_success_discrete": res["attack_success_discrete"],
             "two_object_locality": res.get("two_object_locality"),
+            "classes_lost": classes_lost(by_class), "locality_by_class": by_class,
             "pixel_change_others": pixel_change_others(res),
             "train_seconds": train.get("seconds"), "unet_passes": passes,
             "unet_forward": train.get("unet_forward"), "unet_backward": train.get("unet_backward"),
@@ -254,7 +270,8 @@ def base_row(concept: str, res: dict) -> dict:
             "acc_r": b["acc_r"], "acc_l": b["acc_l"], "h": b["h"],
             "attack_success_soft": b["attack_success_soft"],
             "attack_success_discrete": b["attack_success_discrete"],
-            "two_object_locality": b.get("two_object_locality"), "pixel_change_others": 0.0,
+            "two_object_locality": b.get("two_object_locality"), "classes_lost": [],
+            "pixel_change_others": 0.0,
             "train_seconds": 0,
             "unet_passes": 0, "trainable_params": 0, "overhead_ratio": 0.0, "peak_mem_mb": None}
 
@@ -283,6 +300,8 @@ def across_seeds(rows: list[dict]) -> list[dict]:
             s[c] = statistics.fmean(vals)
             s[c + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
             s[c + "_min"], s[c + "_max"] = min(vals), max(vals)
+        lost = [c for r in rs for c in r.get("classes_lost", [])]
+        s["classes_lost"] = {c: lost.count(c) for c in sorted(set(lost), key=lost.index)}
         out.append(s)
     return out
 
@@ -296,16 +315,23 @@ def spread_markdown(summary: list[dict]) -> str:
             return f"{s[c]:.3f}"
         return f"{s[c]:.3f} ± {s[c + '_sd']:.3f} ({s[c + '_min']:.2f}–{s[c + '_max']:.2f})"
 
-    cols = ["method", "concept", "seeds"] + SPREAD
+    def lost(s: dict) -> str:  # "diamond 3/3": lost on 3 of the 3 seeds
+        n = len(s["seeds"])
+        return ", ".join(f"{c} {k}/{n}" for c, k in s["classes_lost"].items()) or "none"
+
+    cols = ["method", "concept", "seeds"] + SPREAD + ["classes_lost"]
     lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     lines += ["| " + " | ".join([fmt(s["method"]), s["concept"], ",".join(map(str, s["seeds"]))]
-                                + [cell(s, c) for c in SPREAD]) + " |" for s in summary]
+                                + [cell(s, c) for c in SPREAD] + [lost(s)]) + " |"
+              for s in summary]
     return "\n".join(lines) + "\n"
 
 
 def fmt(v) -> str:
     if v is None:
         return "–"
+    if isinstance(v, list):
+        return ", ".join(map(fmt, v)) or "none"
     if isinstance(v, float):
         return f"{v:.3f}"
     return str(v).replace("|", "\\|")  # a pipe in a label would end the table cell

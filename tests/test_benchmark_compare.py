@@ -126,13 +126,15 @@ def test_seeds_run_only_the_methods_that_train(compare, tmp_path):
 
 
 def test_across_seeds_summarises_each_method_and_leaves_missing_values_out(compare):
-    def r(method, seed, h, acc_l):
+    def r(method, seed, h, acc_l, lost=()):
         return {"method": method, "concept": "star", "seed": seed, "acc_e": 0.0, "acc_r": 0.0,
                 "acc_l": acc_l, "h": h, "attack_success_soft": 0.5 * seed,
-                "two_object_locality": None, "pixel_change_others": 0.1}
+                "two_object_locality": None, "pixel_change_others": 0.1,
+                "classes_lost": list(lost)}
 
     rows = [{"method": "base (no erasure)", "concept": "star", "seed": None},
-            r("a", 0, 0.9, 0.8), r("a", 1, 0.7, 0.6), r("b", 0, 1.0, 1.0)]
+            r("a", 0, 0.9, 0.8, ["diamond", "circle"]), r("a", 1, 0.7, 0.6, ["diamond"]),
+            r("b", 0, 1.0, 1.0)]
     a, b = compare.across_seeds(rows)
     assert (a["method"], a["seeds"], b["seeds"]) == ("a", [0, 1], [0])
     assert a["h"] == pytest.approx(0.8) and a["h_sd"] == pytest.approx(0.1414213562)
@@ -142,6 +144,24 @@ def test_across_seeds_summarises_each_method_and_leaves_missing_values_out(compa
     assert b["h"] == 1.0 and b["h_sd"] is None  # one seed: no spread
     md = compare.spread_markdown([a, b])
     assert "0.800 ± 0.141 (0.70–0.90)" in md and "| b | star | 0 | 0.000 |" in md
+    assert a["classes_lost"] == {"diamond": 2, "circle": 1} and b["classes_lost"] == {}
+    assert "| diamond 2/2, circle 1/2 |" in md and md.rstrip().endswith("| none |")
+
+
+def test_classes_lost_are_the_other_classes_below_half_their_base_rate(compare):
+    def per_class(rates):
+        return {"per_class": [{"class_name": c, "rate": {"rate": v}} for c, v in rates.items()]}
+
+    res = {"concept": "heart",
+           "metrics": per_class({"heart": 0.0, "diamond": 0.0, "circle": 0.6, "moon": 0.2}),
+           "base": {"metrics": per_class({"heart": 1.0, "diamond": 1.0, "circle": 1.0,
+                                          "moon": 0.4})}}
+    by_class = compare.locality_by_class(res)
+    assert set(by_class) == {"diamond", "circle", "moon"}  # the erased concept is not locality
+    assert by_class["circle"] == {"edited": 0.6, "base": 1.0}
+    # moon is at half its base rate, not below; circle lost 40% of its rate, not half
+    assert compare.classes_lost(by_class) == ["diamond"]
+    assert compare.fmt(["diamond", "circle"]) == "diamond, circle" and compare.fmt([]) == "none"
 
 
 def test_published_recipe_and_variants_are_flags_the_protocol_accepts(compare):

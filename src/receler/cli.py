@@ -129,10 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_config(args, concepts: str, method: str = "receler"):
+def _train_config(args, concepts: str, method: str = "receler", *, quiet: bool = False):
     """TrainConfig from the flags given. A flag left out takes, in this order: the setting
     the model recommends in its ``receler_defaults.json`` (the toy model has some), the
-    method's published default (ESD: lr 1e-5, 1000 iterations), TrainConfig's default."""
+    method's published default (ESD: lr 1e-5, 1000 iterations), TrainConfig's default.
+    The model's recommendations in use are announced on stderr unless ``quiet``."""
     from .config import TrainConfig, model_erase_defaults
     from .methods import get_method
 
@@ -143,7 +144,7 @@ def _train_config(args, concepts: str, method: str = "receler"):
         from .pipeline import default_model
         model = default_model()
     recommended = {k: v for k, v in model_erase_defaults(model, method).items() if k not in given}
-    if recommended:
+    if recommended and not quiet:
         shown = ", ".join(f"{k}={v}" for k, v in sorted(recommended.items()))
         print(f"model's recommended {method} settings: {shown} (flags override them)",
               file=sys.stderr)
