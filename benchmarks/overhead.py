@@ -7,8 +7,10 @@ machine load hits both alike; the ratio of medians is reported.
 
     python benchmarks/overhead.py [--models sd14,sd21,toy] [--repeats 7] [--min-seconds 30]
     python benchmarks/overhead.py --pipeline [--erasers RUN/erasers] [--min-seconds 120]
+    python benchmarks/overhead.py --flops [--rank 32,128]
 
-Writes benchmarks/results/overhead.json and overhead.md (``--pipeline``: overhead_pipeline.*).
+Writes benchmarks/results/overhead.json and overhead.md (``--pipeline``: overhead_pipeline.*,
+``--flops``: overhead_flops.*).
 
 ``--pipeline`` times what a user waits for: whole generations of the shipped toy pipeline
 (text encoder, every DDIM step with classifier-free guidance, VAE decode) at its recommended
@@ -17,6 +19,12 @@ the erased one with its erasers switched off. Generations alternate in ABBA orde
 pair gives a ratio, and the table reports their median with a bootstrap 95% interval. The
 UNet rows are an upper bound for a whole pipeline: the text encoder and the VAE add time to
 the base and the erased pipeline alike.
+
+``--flops`` counts the arithmetic instead of timing it, so it says the same on any device:
+the matrix-multiply and convolution FLOPs of one UNet forward (batch 2, one guided step) with
+and without erasers, counted by ``torch.utils.flop_counter`` on UNets built on the meta
+device (no weights are allocated, so SDXL's config is counted too). Element-wise ops (the
+GELU, the residual add) are not counted; on a small model they are much of the wall time.
 """
 
 from __future__ import annotations
@@ -42,7 +50,61 @@ CONFIGS = {  # name -> (UNet config, text tokens)
     "sd14": (dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, **SD_BLOCKS), 77),
     "sd21": (dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
                   use_linear_projection=True, **SD_BLOCKS), 77),
+    "sdxl": (dict(sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
+                  down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+                  up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                  use_linear_projection=True, addition_embed_type="text_time",
+                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                  layers_per_block=2), 77),
 }
+
+
+def model_config(name: str) -> tuple[dict, int]:
+    if name == "toy":
+        return toy_config()
+    if name not in CONFIGS:
+        raise SystemExit(f"error: unknown model {name!r}: choose from toy, {', '.join(CONFIGS)}")
+    return CONFIGS[name]
+
+
+def unet_inputs(unet: UNet2DConditionModel, tokens: int, batch: int) -> tuple[tuple, dict]:
+    """Latents, timestep and text states of one forward pass; SDXL's pooled text and size ids
+    too. Sizes from the UNet's config."""
+    c, size = unet.config, unet.config.sample_size
+    kwargs = {"encoder_hidden_states": torch.randn(batch, tokens, c.cross_attention_dim)}
+    if c.addition_embed_type == "text_time":
+        n_ids = 6  # original size, crop corner, target size
+        pooled = c.projection_class_embeddings_input_dim - n_ids * c.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled),
+                                       "time_ids": torch.randn(batch, n_ids)}
+    return (torch.randn(batch, c.in_channels, size, size), torch.tensor([500])), kwargs
+
+
+@torch.no_grad()
+def count_flops(name: str, config: dict, tokens: int, rank: int, batch: int) -> dict:
+    """FLOPs of one UNet forward with and without erasers, on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config).eval()
+        erasers = attach_erasers(unet, rank)
+        args, kwargs = unet_inputs(unet, tokens, batch)
+        flops = {}
+        for which in ("base", "erased"):
+            with FlopCounterMode(display=False) as counter:
+                if which == "base":
+                    with erasers_disabled(unet):
+                        unet(*args, **kwargs)
+                else:
+                    unet(*args, **kwargs)
+            flops[which] = counter.get_total_flops()
+    unet_params = sum(p.numel() for n, p in unet.named_parameters() if ".eraser." not in n)
+    return {"model": name, "rank": rank, "erasers": len(erasers),
+            "eraser_params": count_parameters(erasers), "unet_params": unet_params,
+            "param_ratio": count_parameters(erasers) / unet_params, "batch": batch,
+            "latent": config["sample_size"], "base_flops": flops["base"],
+            "erased_flops": flops["erased"], "flop_ratio": flops["erased"] / flops["base"] - 1}
 
 
 def toy_config() -> tuple[dict, int]:
@@ -57,18 +119,17 @@ def measure(name: str, config: dict, tokens: int, rank: int, repeats: int, batch
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**config).eval()
     size = config["sample_size"]
-    z = torch.randn(batch, unet.config.in_channels, size, size)
-    ctx = torch.randn(batch, tokens, unet.config.cross_attention_dim)
+    inputs, kwargs = unet_inputs(unet, tokens, batch)
     erasers = attach_erasers(unet, rank)
     times = {"base": [], "erased": []}
-    unet(z, 500, encoder_hidden_states=ctx)  # warm-up
+    unet(*inputs, **kwargs)  # warm-up
     start_all = time.perf_counter()
     while len(times["base"]) < repeats or time.perf_counter() - start_all < min_seconds:
         for which in ("base", "erased"):
             ctx_mgr = erasers_disabled(unet) if which == "base" else torch.no_grad()
             with ctx_mgr:
                 start = time.perf_counter()
-                unet(z, 500, encoder_hidden_states=ctx)
+                unet(*inputs, **kwargs)
                 times[which].append(time.perf_counter() - start)
     base, erased = statistics.median(times["base"]), statistics.median(times["erased"])
     unet_params = sum(p.numel() for n, p in unet.named_parameters() if ".eraser." not in n)
@@ -140,7 +201,9 @@ def measure_pipeline(rank: int, erasers: Path | None, images: int, repeats: int,
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="sd14,sd21,toy")
+    p.add_argument("--models", default=None,
+                   help="comma-separated: sd14, sd21, sdxl, toy (default: sd14,sd21,toy; "
+                        "with --flops all four)")
     p.add_argument("--rank", default="128",
                    help="eraser rank; with --pipeline a comma-separated list is measured in turn")
     p.add_argument("--repeats", type=int, default=7, help="at least this many pairs of runs")
@@ -155,15 +218,22 @@ def main() -> int:
                    help="with --pipeline: a trained run's erasers folder (default: fresh ones)")
     p.add_argument("--images", type=int, default=1, help="with --pipeline: images per generation")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--flops", action="store_true",
+                   help="count the erasers' share of the UNet's FLOPs instead of timing (models "
+                        "from --models, default there sd14,sd21,sdxl,toy; ranks from --rank)")
     args = p.parse_args()
+    args.models_given = args.models is not None
+    args.models = args.models or "sd14,sd21,toy"
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pipeline:
         return pipeline_main(args)
+    if args.flops:
+        return flops_main(args)
     args.out = args.out or HERE / "results" / "overhead.json"
     rows = []
     for name in args.models.split(","):
-        config, tokens = toy_config() if name == "toy" else CONFIGS[name]
+        config, tokens = model_config(name)
         rows.append(measure(name, config, tokens, int(args.rank), args.repeats, args.batch,
                             args.min_seconds))
         r = rows[-1]
@@ -181,6 +251,37 @@ def main() -> int:
               f"{100 * r['param_ratio']:.2f}% | {r['repeats']} | {r['base_s']:.4f} | "
               f"{r['erased_s']:.4f} | {100 * r['overhead_ratio']:+.1f}% |" for r in rows]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+def gflops(flops: int) -> str:
+    return f"{flops / 1e9:,.1f}" if flops >= 1e10 else f"{flops / 1e9:.3f}"
+
+
+def flops_main(args) -> int:
+    out = args.out or HERE / "results" / "overhead_flops.json"
+    models = args.models if args.models_given else "sd14,sd21,sdxl,toy"
+    rows = []
+    for name in models.split(","):
+        for rank in (int(r) for r in args.rank.split(",")):
+            r = count_flops(name, *model_config(name), rank, args.batch)
+            rows.append(r)
+            print(f"{name}: {r['erasers']} erasers of rank {rank}, {100 * r['param_ratio']:.2f}% "
+                  f"of the UNet's parameters, {100 * r['flop_ratio']:+.2f}% FLOPs", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    cmd = "python " + " ".join(["benchmarks/overhead.py", *sys.argv[1:]])
+    lines = ["# Eraser arithmetic: share of one UNet forward's FLOPs", "", f"`{cmd}`", "",
+             f"Matrix-multiply, attention and convolution FLOPs of one forward pass (batch "
+             f"{args.batch}: one step with classifier-free guidance) at each model's native "
+             "latent size, counted on the meta device. Element-wise ops are not counted.", "",
+             "| model | latent | erasers | rank | eraser params | % of UNet params | "
+             "UNet GFLOPs | with erasers | extra FLOPs |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['latent']}×{r['latent']} | {r['erasers']} | {r['rank']} | "
+              f"{r['eraser_params']:,} | {100 * r['param_ratio']:.2f}% | "
+              f"{gflops(r['base_flops'])} | {gflops(r['erased_flops'])} | "
+              f"{100 * r['flop_ratio']:+.2f}% |" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 
 
