@@ -99,12 +99,17 @@ def count_flops(name: str, config: dict, tokens: int, rank: int, batch: int) -> 
                 else:
                     unet(*args, **kwargs)
             flops[which] = counter.get_total_flops()
-    unet_params = sum(p.numel() for n, p in unet.named_parameters() if ".eraser." not in n)
-    return {"model": name, "rank": rank, "erasers": len(erasers),
-            "eraser_params": count_parameters(erasers), "unet_params": unet_params,
-            "param_ratio": count_parameters(erasers) / unet_params, "batch": batch,
+    return {"model": name, "rank": rank, **sizes(unet, erasers), "batch": batch,
             "latent": config["sample_size"], "base_flops": flops["base"],
             "erased_flops": flops["erased"], "flop_ratio": flops["erased"] / flops["base"] - 1}
+
+
+def sizes(unet: torch.nn.Module, erasers: dict) -> dict:
+    """The erasers' count and parameters against the UNet's own (erasers not counted)."""
+    unet_params = sum(p.numel() for n, p in unet.named_parameters() if ".eraser." not in n)
+    eraser_params = count_parameters(erasers)
+    return {"erasers": len(erasers), "eraser_params": eraser_params, "unet_params": unet_params,
+            "param_ratio": eraser_params / unet_params}
 
 
 def toy_config() -> tuple[dict, int]:
@@ -132,10 +137,7 @@ def measure(name: str, config: dict, tokens: int, rank: int, repeats: int, batch
                 unet(*inputs, **kwargs)
                 times[which].append(time.perf_counter() - start)
     base, erased = statistics.median(times["base"]), statistics.median(times["erased"])
-    unet_params = sum(p.numel() for n, p in unet.named_parameters() if ".eraser." not in n)
-    return {"model": name, "rank": rank, "erasers": len(erasers),
-            "eraser_params": count_parameters(erasers), "unet_params": unet_params,
-            "param_ratio": count_parameters(erasers) / unet_params, "batch": batch,
+    return {"model": name, "rank": rank, **sizes(unet, erasers), "batch": batch,
             "latent": size, "base_s": base, "erased_s": erased, "overhead_ratio": erased / base - 1,
             "repeats": len(times["base"]), "device": "cpu", "threads": torch.get_num_threads()}
 
@@ -186,10 +188,8 @@ def measure_pipeline(rank: int, erasers: Path | None, images: int, repeats: int,
             times[which].append(t[which])
         ratios.append(t["erased"] / t["base"] - 1)
     low, high = bootstrap_median(ratios)
-    unet_params = sum(p.numel() for n, p in base.unet.named_parameters())
     return {"model": "toy pipeline", "rank": next(iter(found.values())).rank,
-            "erasers": len(found), "eraser_params": count_parameters(found),
-            "unet_params": unet_params, "param_ratio": count_parameters(found) / unet_params,
+            **sizes(erased.unet, found),
             "images": images, "steps": settings.steps, "guidance": settings.guidance,
             "base_s": statistics.median(times["base"]),
             "erased_s": statistics.median(times["erased"]),
