@@ -2,8 +2,9 @@
 
 The UNets are built from their published configs with random weights (the cost of a
 forward pass does not depend on the weights), so SD 1.4 and SD 2.1 are measured here
-without downloading them. Base and erased forward passes alternate in one process, so
-machine load hits both alike; the ratio of medians is reported.
+without downloading them. The base is a copy of the UNet with no erasers or hooks. Base
+and erased forward passes alternate in ABBA order in one process, so machine load hits both
+alike; each pair gives a ratio, and their median is reported with a bootstrap 95% interval.
 
     python benchmarks/overhead.py [--models sd14,sd21,toy] [--repeats 7] [--min-seconds 30]
     python benchmarks/overhead.py --pipeline [--erasers RUN/erasers] [--min-seconds 120]
@@ -121,25 +122,37 @@ def toy_config() -> tuple[dict, int]:
 @torch.no_grad()
 def measure(name: str, config: dict, tokens: int, rank: int, repeats: int, batch: int,
             min_seconds: float) -> dict:
+    """UNet forwards: a copy without erasers or hooks against the erased UNet, ABBA pairs."""
+    import copy
+
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**config).eval()
-    size = config["sample_size"]
-    inputs, kwargs = unet_inputs(unet, tokens, batch)
-    erasers = attach_erasers(unet, rank)
-    times = {"base": [], "erased": []}
-    unet(*inputs, **kwargs)  # warm-up
+    base = UNet2DConditionModel(**config).eval()
+    erased = copy.deepcopy(base)
+    erasers = attach_erasers(erased, rank)
+    inputs, kwargs = unet_inputs(base, tokens, batch)
+    unets = {"base": base, "erased": erased}
+
+    def one(which: str) -> float:
+        start = time.perf_counter()
+        unets[which](*inputs, **kwargs)
+        return time.perf_counter() - start
+
+    one("base"), one("erased")  # warm-up
+    times, ratios = {"base": [], "erased": []}, []
     start_all = time.perf_counter()
-    while len(times["base"]) < repeats or time.perf_counter() - start_all < min_seconds:
-        for which in ("base", "erased"):
-            ctx_mgr = erasers_disabled(unet) if which == "base" else torch.no_grad()
-            with ctx_mgr:
-                start = time.perf_counter()
-                unet(*inputs, **kwargs)
-                times[which].append(time.perf_counter() - start)
-    base, erased = statistics.median(times["base"]), statistics.median(times["erased"])
-    return {"model": name, "rank": rank, **sizes(unet, erasers), "batch": batch,
-            "latent": size, "base_s": base, "erased_s": erased, "overhead_ratio": erased / base - 1,
-            "repeats": len(times["base"]), "device": "cpu", "threads": torch.get_num_threads()}
+    while len(ratios) < repeats or time.perf_counter() - start_all < min_seconds:
+        order = ("base", "erased") if len(ratios) % 2 == 0 else ("erased", "base")
+        t = {which: one(which) for which in order}
+        for which in t:
+            times[which].append(t[which])
+        ratios.append(t["erased"] / t["base"] - 1)
+    low, high = bootstrap_median(ratios)
+    return {"model": name, "rank": rank, **sizes(erased, erasers), "batch": batch,
+            "latent": config["sample_size"], "base_s": statistics.median(times["base"]),
+            "erased_s": statistics.median(times["erased"]),
+            "overhead_ratio": statistics.median(ratios), "overhead_low": low,
+            "overhead_high": high, "repeats": len(ratios), "device": "cpu",
+            "threads": torch.get_num_threads()}
 
 
 def bootstrap_median(values: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -239,17 +252,22 @@ def main() -> int:
         r = rows[-1]
         print(f"{name}: {r['erasers']} erasers, {100 * r['param_ratio']:.2f}% of the UNet's "
               f"parameters, UNet forward {r['base_s']:.3f} s → {r['erased_s']:.3f} s "
-              f"({100 * r['overhead_ratio']:+.1f}%)", flush=True)
+              f"({100 * r['overhead_ratio']:+.2f}% [{100 * r['overhead_low']:+.2f}%, "
+              f"{100 * r['overhead_high']:+.2f}%] over {r['repeats']} ABBA pairs)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["# Eraser inference overhead (UNet forward, CPU, median of alternating runs)", "",
              f"`python benchmarks/overhead.py --models {args.models} --repeats {args.repeats} "
              f"--min-seconds {args.min_seconds:g}`", "",
-             "| model | erasers | eraser params | % of UNet | runs | base s | erased s | overhead |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Base: a copy of the UNet with no erasers or hooks. Overhead: median of the "
+             "per-pair ratios of ABBA-ordered forwards, with a bootstrap 95% interval.", "",
+             "| model | erasers | eraser params | % of UNet | pairs | base s | erased s | "
+             "overhead | 95% interval |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['erasers']} | {r['eraser_params']:,} | "
               f"{100 * r['param_ratio']:.2f}% | {r['repeats']} | {r['base_s']:.4f} | "
-              f"{r['erased_s']:.4f} | {100 * r['overhead_ratio']:+.1f}% |" for r in rows]
+              f"{r['erased_s']:.4f} | {100 * r['overhead_ratio']:+.2f}% | "
+              f"{100 * r['overhead_low']:+.2f}% to {100 * r['overhead_high']:+.2f}% |"
+              for r in rows]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 
