@@ -137,6 +137,15 @@ def measure(name: str, config: dict, tokens: int, rank: int, repeats: int, batch
         unets[which](*inputs, **kwargs)
         return time.perf_counter() - start
 
+    timing = abba(one, repeats, min_seconds)
+    return {"model": name, "rank": rank, **sizes(erased, erasers), "batch": batch,
+            "latent": config["sample_size"], **timing}
+
+
+def abba(one, repeats: int, min_seconds: float) -> dict:
+    """Time ``one("base")`` against ``one("erased")`` in ABBA order, after one warm-up each,
+    for at least ``repeats`` pairs and ``min_seconds``: the median times, and the median of
+    the per-pair ratios with its bootstrap 95% interval."""
     one("base"), one("erased")  # warm-up
     times, ratios = {"base": [], "erased": []}, []
     start_all = time.perf_counter()
@@ -147,8 +156,7 @@ def measure(name: str, config: dict, tokens: int, rank: int, repeats: int, batch
             times[which].append(t[which])
         ratios.append(t["erased"] / t["base"] - 1)
     low, high = bootstrap_median(ratios)
-    return {"model": name, "rank": rank, **sizes(erased, erasers), "batch": batch,
-            "latent": config["sample_size"], "base_s": statistics.median(times["base"]),
+    return {"base_s": statistics.median(times["base"]),
             "erased_s": statistics.median(times["erased"]),
             "overhead_ratio": statistics.median(ratios), "overhead_low": low,
             "overhead_high": high, "repeats": len(ratios), "device": "cpu",
@@ -191,25 +199,11 @@ def measure_pipeline(rank: int, erasers: Path | None, images: int, repeats: int,
         generate(pipes[which], prompts, seeds, settings=settings, batch_size=images)
         return time.perf_counter() - start
 
-    one("base"), one("erased")  # warm-up
-    times, ratios = {"base": [], "erased": []}, []
-    start_all = time.perf_counter()
-    while len(ratios) < repeats or time.perf_counter() - start_all < min_seconds:
-        order = ("base", "erased") if len(ratios) % 2 == 0 else ("erased", "base")
-        t = {which: one(which) for which in order}
-        for which in t:
-            times[which].append(t[which])
-        ratios.append(t["erased"] / t["base"] - 1)
-    low, high = bootstrap_median(ratios)
+    timing = abba(one, repeats, min_seconds)
     return {"model": "toy pipeline", "rank": next(iter(found.values())).rank,
             **sizes(erased.unet, found),
             "images": images, "steps": settings.steps, "guidance": settings.guidance,
-            "base_s": statistics.median(times["base"]),
-            "erased_s": statistics.median(times["erased"]),
-            "overhead_ratio": statistics.median(ratios), "overhead_low": low,
-            "overhead_high": high, "repeats": len(ratios), "device": "cpu",
-            "threads": torch.get_num_threads(),
-            "erasers_from": str(erasers) if erasers else None}
+            **timing, "erasers_from": str(erasers) if erasers else None}
 
 
 def main() -> int:

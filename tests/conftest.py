@@ -27,6 +27,17 @@ WORDS = ["a", "photo", "of", "car", "truck", "dog", "cat", "red", "blue", "pictu
 MAX_LEN = 24
 
 
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` (not a package) imported as a module, for its functions."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_tokenizer(folder: Path, words=WORDS, max_len: int = MAX_LEN):
     """A CLIPTokenizer whose vocabulary makes each word of ``words`` one token."""
     return build_tokenizer(folder, model_max_length=max_len, words=words)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import statistics
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 from receler.attack import AttackConfig
 from receler.config import TrainConfig
@@ -22,10 +22,7 @@ COMPARE = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare", COMPARE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("compare")
 
 
 def test_latency_is_measured_again_alone_and_used_in_the_row(compare, tiny_model_dir,

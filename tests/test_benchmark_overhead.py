@@ -1,18 +1,15 @@
-"""benchmarks/overhead.py --flops: the erasers' FLOPs counted on the meta device are exactly
-their two matrix products at every position of every cross-attention output."""
+"""benchmarks/overhead.py: the erasers' FLOPs counted on the meta device are exactly their two
+matrix products at every position of every cross-attention output; timings alternate ABBA."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_benchmark
 from diffusers import UNet2DConditionModel
 
 from receler import attach_erasers
 
-OVERHEAD = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
 SD_STYLE = dict(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
                 norm_num_groups=4, cross_attention_dim=12, attention_head_dim=4,
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -25,10 +22,7 @@ SDXL_STYLE = dict(SD_STYLE, cross_attention_dim=20, attention_head_dim=(2, 4),
 
 @pytest.fixture(scope="module")
 def overhead():
-    spec = importlib.util.spec_from_file_location("overhead", OVERHEAD)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("overhead")
 
 
 def eraser_flops_by_hand(config: dict, tokens: int, rank: int, batch: int, overhead) -> int:
@@ -65,3 +59,19 @@ def test_flop_count_is_the_erasers_matrix_products(overhead, config):
 def test_unknown_model_is_refused_with_the_choices(overhead):
     with pytest.raises(SystemExit, match="unknown model 'sd15'.*toy, sd14, sd21, sdxl"):
         overhead.model_config("sd15")
+
+
+def test_abba_alternates_the_order_and_reports_the_median_pair_ratio(overhead):
+    calls = []
+
+    def one(which):  # a stand-in for a timed run: erased takes 10% longer, the 3rd pair 50%
+        calls.append(which)
+        pair = (len(calls) - 3) // 2
+        return 1.0 if which == "base" else (1.5 if pair == 2 else 1.1)
+
+    t = overhead.abba(one, repeats=4, min_seconds=0)
+    assert calls == ["base", "erased",  # warm-up
+                     "base", "erased", "erased", "base", "base", "erased", "erased", "base"]
+    assert t["repeats"] == 4 and t["base_s"] == 1.0
+    assert t["overhead_ratio"] == pytest.approx(0.1)  # the median shrugs off the slow pair
+    assert t["overhead_low"] == pytest.approx(0.1) and t["overhead_high"] <= 0.5 + 1e-9
