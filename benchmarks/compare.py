@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -300,8 +301,8 @@ def across_seeds(rows: list[dict]) -> list[dict]:
             s[c] = statistics.fmean(vals)
             s[c + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
             s[c + "_min"], s[c + "_max"] = min(vals), max(vals)
-        lost = [c for r in rs for c in r.get("classes_lost", [])]
-        s["classes_lost"] = {c: lost.count(c) for c in sorted(set(lost), key=lost.index)}
+        # per class, the seeds that lost it, in the order first lost
+        s["classes_lost"] = dict(Counter(c for r in rs for c in r.get("classes_lost", [])))
         out.append(s)
     return out
 

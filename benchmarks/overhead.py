@@ -31,6 +31,7 @@ GELU, the residual add) are not counted; on a small model they are much of the w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -93,12 +94,9 @@ def count_flops(name: str, config: dict, tokens: int, rank: int, batch: int) -> 
         args, kwargs = unet_inputs(unet, tokens, batch)
         flops = {}
         for which in ("base", "erased"):
-            with FlopCounterMode(display=False) as counter:
-                if which == "base":
-                    with erasers_disabled(unet):
-                        unet(*args, **kwargs)
-                else:
-                    unet(*args, **kwargs)
+            off = erasers_disabled(unet) if which == "base" else contextlib.nullcontext()
+            with FlopCounterMode(display=False) as counter, off:
+                unet(*args, **kwargs)
             flops[which] = counter.get_total_flops()
     return {"model": name, "rank": rank, **sizes(unet, erasers), "batch": batch,
             "latent": config["sample_size"], "base_flops": flops["base"],
@@ -212,7 +210,7 @@ def main() -> int:
                    help="comma-separated: sd14, sd21, sdxl, toy (default: sd14,sd21,toy; "
                         "with --flops all four)")
     p.add_argument("--rank", default="128",
-                   help="eraser rank; with --pipeline a comma-separated list is measured in turn")
+                   help="eraser rank; a comma-separated list is measured rank by rank")
     p.add_argument("--repeats", type=int, default=7, help="at least this many pairs of runs")
     p.add_argument("--min-seconds", type=float, default=30,
                    help="and keep alternating for at least this long (small models are noisy)")
@@ -229,8 +227,10 @@ def main() -> int:
                    help="count the erasers' share of the UNet's FLOPs instead of timing (models "
                         "from --models, default there sd14,sd21,sdxl,toy; ranks from --rank)")
     args = p.parse_args()
-    args.models_given = args.models is not None
-    args.models = args.models or "sd14,sd21,toy"
+    try:
+        args.ranks = [int(r) for r in args.rank.split(",")]
+    except ValueError:
+        p.error(f"--rank takes a rank or comma-separated ranks, e.g. 32,128; got {args.rank!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pipeline:
@@ -238,26 +238,28 @@ def main() -> int:
     if args.flops:
         return flops_main(args)
     args.out = args.out or HERE / "results" / "overhead.json"
+    models = args.models or "sd14,sd21,toy"
     rows = []
-    for name in args.models.split(","):
+    for name, rank in ((n, r) for n in models.split(",") for r in args.ranks):
         config, tokens = model_config(name)
-        rows.append(measure(name, config, tokens, int(args.rank), args.repeats, args.batch,
+        rows.append(measure(name, config, tokens, rank, args.repeats, args.batch,
                             args.min_seconds))
         r = rows[-1]
-        print(f"{name}: {r['erasers']} erasers, {100 * r['param_ratio']:.2f}% of the UNet's "
+        print(f"{name}: {r['erasers']} erasers of rank {rank}, {100 * r['param_ratio']:.2f}% of "
+              f"the UNet's "
               f"parameters, UNet forward {r['base_s']:.3f} s → {r['erased_s']:.3f} s "
               f"({100 * r['overhead_ratio']:+.2f}% [{100 * r['overhead_low']:+.2f}%, "
               f"{100 * r['overhead_high']:+.2f}%] over {r['repeats']} ABBA pairs)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["# Eraser inference overhead (UNet forward, CPU, median of alternating runs)", "",
-             f"`python benchmarks/overhead.py --models {args.models} --repeats {args.repeats} "
-             f"--min-seconds {args.min_seconds:g}`", "",
+             f"`python benchmarks/overhead.py --models {models} --rank {args.rank} --repeats "
+             f"{args.repeats} --min-seconds {args.min_seconds:g}`", "",
              "Base: a copy of the UNet with no erasers or hooks. Overhead: median of the "
              "per-pair ratios of ABBA-ordered forwards, with a bootstrap 95% interval.", "",
-             "| model | erasers | eraser params | % of UNet | pairs | base s | erased s | "
-             "overhead | 95% interval |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['erasers']} | {r['eraser_params']:,} | "
+             "| model | erasers | rank | eraser params | % of UNet | pairs | base s | erased s | "
+             "overhead | 95% interval |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['erasers']} | {r['rank']} | {r['eraser_params']:,} | "
               f"{100 * r['param_ratio']:.2f}% | {r['repeats']} | {r['base_s']:.4f} | "
               f"{r['erased_s']:.4f} | {100 * r['overhead_ratio']:+.2f}% | "
               f"{100 * r['overhead_low']:+.2f}% to {100 * r['overhead_high']:+.2f}% |"
@@ -272,10 +274,10 @@ def gflops(flops: int) -> str:
 
 def flops_main(args) -> int:
     out = args.out or HERE / "results" / "overhead_flops.json"
-    models = args.models if args.models_given else "sd14,sd21,sdxl,toy"
+    models = args.models or "sd14,sd21,sdxl,toy"
     rows = []
     for name in models.split(","):
-        for rank in (int(r) for r in args.rank.split(",")):
+        for rank in args.ranks:
             r = count_flops(name, *model_config(name), rank, args.batch)
             rows.append(r)
             print(f"{name}: {r['erasers']} erasers of rank {rank}, {100 * r['param_ratio']:.2f}% "
@@ -299,11 +301,10 @@ def flops_main(args) -> int:
 
 def pipeline_main(args) -> int:
     out = args.out or HERE / "results" / "overhead_pipeline.json"
-    ranks = [int(r) for r in args.rank.split(",")]
-    if args.erasers is not None and len(ranks) > 1:
+    if args.erasers is not None and len(args.ranks) > 1:
         raise SystemExit("error: --erasers fixes the rank: pass one --rank or leave --erasers out")
     rows = []
-    for rank in ranks:
+    for rank in args.ranks:
         r = measure_pipeline(rank, args.erasers, args.images, args.repeats, args.min_seconds)
         rows.append(r)
         print(f"toy pipeline: {r['erasers']} erasers of rank {r['rank']}, {r['images']} image(s), "
