@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from PIL import Image
 
 from receler.eval.detectors import (
@@ -223,8 +224,10 @@ def tiny_grounding_dino(tmp_path_factory):
         GroundingDinoProcessor,
         SwinConfig,
     )
-    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
-        GroundingDinoImageProcessorPil,
+    # transformers 5 names the PIL-backed processor ...Pil (the default one needs
+    # torchvision); earlier releases have only the PIL one, under the plain name.
+    GroundingDinoImageProcessorPil = getattr(  # noqa: N806
+        transformers, "GroundingDinoImageProcessorPil", transformers.GroundingDinoImageProcessor
     )
 
     folder = tmp_path_factory.mktemp("gdino")
@@ -316,7 +319,9 @@ def _clip_byte_tokens() -> list[str]:
 def tiny_clip(tmp_path_factory):
     """A random CLIP with a character-level BPE tokenizer (no merges), saved locally."""
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    CLIPImageProcessorPil = getattr(  # noqa: N806 (see tiny_grounding_dino)
+        transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor
+    )
 
     folder = tmp_path_factory.mktemp("clip")
     tokens = _clip_byte_tokens()

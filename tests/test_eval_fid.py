@@ -61,17 +61,38 @@ def test_symmetry_and_self_distance():
     assert fid_from_features(feats, feats + 1.0) == pytest.approx(8.0, rel=1e-9)  # |shift|^2
 
 
-def test_singular_covariances_stay_finite(caplog):
-    # Rank-1 covariances (fewer samples than dimensions), as with too few images.
-    rng = np.random.default_rng(1)
-    a, b = rng.normal(size=(2, 5)), rng.normal(size=(2, 5))
-    d = fid_from_features(a, b)
-    assert np.isfinite(d) and d >= -1e-6
-    # scipy flags sqrtm(S @ S) of a rank-1 S as singular: the eps retry is logged, and it
-    # moves the distance by O(sqrt(eps)) only.
-    with caplog.at_level("WARNING", logger="receler.eval.fid"):
-        assert fid_from_features(a, a) == pytest.approx(0.0, abs=1e-4)
-    assert "singular" in caplog.text
+def _frechet_by_eigh(mu1, s1, mu2, s2):
+    """Independent reference: tr sqrt(S1 S2) = tr sqrt(S1^½ S2 S1^½), a symmetric PSD matrix,
+    so its eigenvalues are real and >= 0 up to rounding (no sqrtm, no eps retry)."""
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.linalg.eigvalsh(root1 @ s2 @ root1)
+    diff = mu1 - mu2
+    return diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+
+
+@pytest.mark.parametrize("n, d", [(2, 5), (3, 8), (4, 4)])
+def test_singular_covariances_stay_finite_and_correct(n, d):
+    # Rank-deficient covariances (no more samples than dimensions), as with too few images:
+    # sigma1 @ sigma2 is singular. Whether or not the square root needs the eps retry (that
+    # depends on the scipy version and on rounding), the distance must be finite and equal
+    # the eigendecomposition reference within O(sqrt(eps)) of the retry.
+    rng = np.random.default_rng(n * 10 + d)
+    a, b = rng.normal(size=(n, d)), rng.normal(size=(n, d)) + 0.5
+    sa, sb = feature_statistics(a), feature_statistics(b)
+    expected = _frechet_by_eigh(sa.mu, sa.sigma, sb.mu, sb.sigma)
+    got = fid_from_features(a, b)
+    assert np.isfinite(got)
+    assert got == pytest.approx(expected, abs=1e-2)
+    assert fid_from_features(a, a) == pytest.approx(0.0, abs=1e-4)  # identical sets
+
+
+def test_singular_covariances_known_value():
+    # Diagonal, each of rank 1: sqrt(S1 S2) = diag(2, 0), so the distance is 1 + 4 - 4 = 1
+    # plus |mu1 - mu2|^2 = 1.
+    d = frechet_distance(np.zeros(2), np.diag([1.0, 0.0]), np.array([1.0, 0.0]),
+                         np.diag([4.0, 0.0]))
+    assert d == pytest.approx(2.0, abs=1e-5)
 
 
 def test_feature_statistics_exact():
@@ -139,16 +160,26 @@ class ModuleDetector(torch.nn.Module):
         }
 
 
-def test_toy_features_fall_back_to_last_linear_input():
+def test_toy_features_fall_back_to_last_linear_input(monkeypatch):
     torch.manual_seed(0)
     det = ModuleDetector()
+    removed = []  # the hook's handle is removed after the call (public API only)
+    register = det.head[-1].register_forward_hook
+
+    def register_and_watch(hook):
+        handle = register(hook)
+        remove = handle.remove
+        monkeypatch.setattr(handle, "remove", lambda: (removed.append(True), remove()))
+        return handle
+
+    monkeypatch.setattr(det.head[-1], "register_forward_hook", register_and_watch)
     images = [Image.new("RGB", (2, 2), (i * 40, 100, 200 - i * 30)) for i in range(3)]
     feats = ToyFeatures(det)(images)
     assert feats.shape == (3, 5)
     # The captured features are what the output layer saw: it reproduces the logits.
     probs = det.predict(images)["class_probs"]
     assert det.head[-1](torch.from_numpy(feats)).sigmoid().equal(probs)
-    assert not det.head[-1]._forward_hooks  # the hook is removed
+    assert removed == [True]  # the hook is removed
 
 
 def test_toy_features_of_the_toy_world_detector():
