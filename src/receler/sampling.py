@@ -1,14 +1,37 @@
-"""Image generation with or without erasers, seeded per image."""
+"""Image generation with or without erasers, seeded per image or per prompt row.
+
+Two things decide which images a seed gives: the scheduler and where the initial noise
+is drawn. receler's default is DDIM with every image's noise from its own CPU generator,
+so an image does not depend on the device or the batch. The Receler reference instead
+samples with K-LMS and, for I2P (following SLD), draws a row's whole batch of noise on
+the GPU: ``jasper0314-huang/Receler``, ``test_receler.py``::
+
+    scheduler = LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                     beta_schedule="scaled_linear", num_train_timesteps=1000)
+    generator = torch.Generator(device=device).manual_seed(seed)   # --use_cuda_generator
+    pipeline(prompt=[row.prompt] * num_samples, height=512, width=512,
+             num_inference_steps=50, guidance_scale=7.5, generator=generator)
+
+with ``seed = row.evaluation_seed`` and images saved as ``{case_number}_{num}.png``. The
+pipeline then draws ``torch.randn((num_samples, 4, 64, 64), generator=generator)`` in
+float32 on the generator's device (diffusers' ``randn_tensor``). Without
+``--use_cuda_generator`` it uses ``torch.manual_seed(seed)``, the CPU generator; ESD's
+``eval-scripts/generate-images.py`` (``rohitgandikota/erasing``) does the same with
+``torch.randn((batch_size, 4, 64, 64), generator=torch.manual_seed(seed))``. Both ignore
+I2P's ``evaluation_guidance`` and size columns. :data:`PAPER` is that protocol:
+``SamplerSettings(scheduler="lms", seeding="device", steps=50, guidance=7.5, height=512,
+width=512, row_settings=False)``.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, LMSDiscreteScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -17,15 +40,42 @@ from .erasers import erasers_disabled
 from .pipeline import latent_shape
 from .viz import image_grid
 
+SCHEDULERS = {"ddim": DDIMScheduler, "lms": LMSDiscreteScheduler}
+SEEDINGS = ("cpu", "device")
+
 
 @dataclass
 class SamplerSettings:
-    """How images are sampled: the paper's protocol is DDIM 50 steps, guidance 7.5."""
+    """How images are sampled (default: DDIM 50 steps, guidance 7.5, CPU noise)."""
 
-    steps: int = 50  # DDIM steps
+    steps: int = 50  # denoising steps
     guidance: float = 7.5  # classifier-free guidance scale
     height: int | None = None  # pixels; None = the UNet's sample size × the VAE factor
     width: int | None = None
+    scheduler: str = field(default="ddim", metadata={"help": (
+        "ddim, or lms: diffusers' LMSDiscreteScheduler from the pipeline's scheduler config "
+        "(the Receler/ESD test scripts' sampler)")})
+    seeding: str = field(default="cpu", metadata={"help": (
+        "where a seed's initial noise is drawn: cpu (a CPU generator, the same on every "
+        "device), or device (torch.Generator(pipeline device), the reference's "
+        "--use_cuda_generator, bitwise the reference's noise on the same GPU)")})
+    row_settings: bool = field(default=True, metadata={"help": (
+        "prompt files: a row's evaluation_guidance and sd_image_* cells override guidance "
+        "and size (the reference scripts ignore them)")})
+
+    def __post_init__(self):
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}: choose one of "
+                             f"{', '.join(SCHEDULERS)}")
+        if self.seeding not in SEEDINGS:
+            raise ValueError(f"unknown seeding {self.seeding!r}: choose one of "
+                             f"{', '.join(SEEDINGS)}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be a positive number of pixels, got {value}")
 
     @classmethod
     def for_model(cls, model_path: str | Path | None) -> SamplerSettings:
@@ -40,18 +90,55 @@ class SamplerSettings:
                    height=d.get("height"), width=d.get("width"))
 
 
+# The paper's evaluation sampler, as the Receler reference's test_receler.py runs it.
+PAPER = SamplerSettings(steps=50, guidance=7.5, height=512, width=512, scheduler="lms",
+                        seeding="device", row_settings=False)
+SAMPLER_PRESETS = {"paper": PAPER}
+
+
+def sampler_preset(name: str, **overrides) -> SamplerSettings:
+    """A copy of the preset ``name`` (``"paper"``) with ``overrides`` (``None`` = keep)."""
+    if name not in SAMPLER_PRESETS:
+        raise ValueError(f"unknown sampler preset {name!r}: choose one of "
+                         f"{', '.join(SAMPLER_PRESETS)}")
+    return replace(SAMPLER_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def use_scheduler(pipe, name: str) -> None:
+    """Give ``pipe`` the scheduler ``name`` (``ddim`` or ``lms``), built from its scheduler's
+    config (noise schedule, prediction type); a scheduler of that class is kept as it is.
+    For SD 1.4's config, ``lms`` has the reference's timesteps and sigmas."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    if type(pipe.scheduler) is not SCHEDULERS[name]:
+        pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+
+
 def image_size(pipe, settings: SamplerSettings) -> tuple[int, int]:
     _, h, w = latent_shape(pipe)
     f = pipe.vae_scale_factor
     return settings.height or h * f, settings.width or w * f
 
 
-def seeded_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
-    """One initial latent per seed, each from its own CPU generator (device-independent)."""
+def seed_noise(pipe, seed: int, n: int, height: int, width: int, *,
+               seeding: str = "cpu") -> torch.Tensor:
+    """``torch.randn((n, C, height/f, width/f))`` in float32 from one generator seeded with
+    ``seed``: a CPU generator, or with ``seeding="device"`` one on the UNet's device
+    (``torch.Generator(device).manual_seed(seed)``, as the reference draws a row's batch)."""
+    if seeding not in SEEDINGS:
+        raise ValueError(f"unknown seeding {seeding!r}: choose one of {', '.join(SEEDINGS)}")
     c, f = latent_shape(pipe)[0], pipe.vae_scale_factor
-    return torch.stack([
-        torch.randn((c, height // f, width // f), generator=torch.Generator("cpu").manual_seed(int(s)))
-        for s in seeds]).to(pipe.unet.device, pipe.unet.dtype)
+    device = pipe.unet.device if seeding == "device" else torch.device("cpu")
+    generator = torch.Generator(device).manual_seed(int(seed))
+    return torch.randn((n, c, height // f, width // f), generator=generator, device=device,
+                       dtype=torch.float32)
+
+
+def seeded_latents(pipe, seeds: Sequence[int], height: int, width: int, *,
+                   seeding: str = "cpu") -> torch.Tensor:
+    """One initial latent per seed, each from its own generator (see :func:`seed_noise`)."""
+    return torch.cat([seed_noise(pipe, s, 1, height, width, seeding=seeding) for s in seeds]
+                     ).to(pipe.unet.device, pipe.unet.dtype)
 
 
 @torch.no_grad()
@@ -65,20 +152,22 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *,
         pipe: a pipeline, with or without erasers attached.
         prompts: one prompt per image.
         seeds: one seed per image.
-        settings: sampler settings (default: DDIM 50 steps, guidance 7.5).
+        settings: sampler settings (default: DDIM 50 steps, guidance 7.5). Its scheduler
+            replaces ``pipe.scheduler``; with ``seeding="device"`` a seed's noise is the
+            reference's for a batch of one.
         batch_size: images per pipeline call.
         progress: optional callable ``progress(n)`` told how many images were done.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
     settings = settings or SamplerSettings()
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    use_scheduler(pipe, settings.scheduler)
     height, width = image_size(pipe, settings)
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch_size):
         batch_prompts = list(prompts[i:i + batch_size])
-        latents = seeded_latents(pipe, seeds[i:i + batch_size], height, width)
+        latents = seeded_latents(pipe, seeds[i:i + batch_size], height, width,
+                                 seeding=settings.seeding)
         out = pipe(batch_prompts, num_inference_steps=settings.steps,
                    guidance_scale=settings.guidance, height=height, width=width,
                    latents=latents, output_type="pil")
@@ -121,31 +210,32 @@ def generate_prompt_file(pipe, rows: Sequence, out_dir: Path, *, num_images: int
                          overwrite: bool = False, show_progress: bool = False) -> list[Path]:
     """Generate ``num_images`` per prompt row as ``{case_number}_{index}.png``, resumably.
 
-    Image ``i`` of a row is the ``i``-th of ``num_images`` latents drawn from a generator
-    seeded with the row's ``evaluation_seed`` (the reference protocol's batch), so it is the
-    same whichever images already exist, whatever the batch size and however the rows are
-    split across processes. Images already on disk are skipped (regenerated with
-    ``overwrite``). A row's own guidance
-    (I2P's ``evaluation_guidance``) and size override ``settings``.
+    Image ``i`` of a row starts from the ``i``-th of ``num_images`` latents drawn at once,
+    ``torch.randn((num_images, C, H/f, W/f))``, from one generator seeded with the row's
+    ``evaluation_seed`` (the reference scripts' batch; on the CPU or, with
+    ``settings.seeding="device"``, on the UNet's device). So it is the same whichever images
+    already exist, whatever the batch size and however the rows are split across
+    processes. Images already on disk are skipped (regenerated with ``overwrite``). With
+    ``settings.row_settings`` a row's own guidance (I2P's ``evaluation_guidance``) and size
+    override ``settings``.
 
     Returns:
         The paths written by this call.
     """
     settings = settings or SamplerSettings()
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    use_scheduler(pipe, settings.scheduler)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    c, f = latent_shape(pipe)[0], pipe.vae_scale_factor
     todo: dict[tuple, list[tuple]] = {}  # (guidance, height, width) -> [(row, index, path)]
     for row in shard(rows, process_index, num_processes):
         for i in range(num_images):
             path = out_dir / f"{row.case_number}_{i}.png"
             if path.exists() and not overwrite:
                 continue
-            guidance = row.guidance if row.guidance is not None else settings.guidance
-            h, w = image_size(pipe, settings)
-            h, w = row.height or h, row.width or w
+            guidance, (h, w) = settings.guidance, image_size(pipe, settings)
+            if settings.row_settings:
+                guidance = row.guidance if row.guidance is not None else guidance
+                h, w = row.height or h, row.width or w
             todo.setdefault((guidance, h, w), []).append((row, i, path))
     written = []
     bar = tqdm(total=sum(map(len, todo.values())), desc=f"generating [{process_index}]",
@@ -154,8 +244,8 @@ def generate_prompt_file(pipe, rows: Sequence, out_dir: Path, *, num_images: int
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
             latents = torch.stack([
-                torch.randn((num_images, c, h // f, w // f),
-                            generator=torch.Generator("cpu").manual_seed(int(row.evaluation_seed)))[i]
+                seed_noise(pipe, row.evaluation_seed, num_images, h, w,
+                           seeding=settings.seeding)[i]
                 for row, i, _ in batch]).to(pipe.unet.device, pipe.unet.dtype)
             out = pipe([row.prompt for row, _, _ in batch], num_inference_steps=settings.steps,
                        guidance_scale=guidance, height=h, width=w, latents=latents,

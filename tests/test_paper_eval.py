@@ -1,0 +1,152 @@
+"""The paper's evaluation protocol: LMS sampling and the reference's seeding."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
+from PIL import Image
+
+from receler.eval.prompts import read_prompts
+from receler.sampling import (
+    PAPER,
+    SamplerSettings,
+    generate,
+    generate_prompt_file,
+    sampler_preset,
+    seed_noise,
+    use_scheduler,
+)
+
+CSV = """case_number,prompt,evaluation_seed,class,evaluation_guidance,categories
+0,a photo of car,11,car,,sexual
+1,dog,12,dog,9.0,"violence, sexual"
+2,a red truck,4261553411,truck,2.0,hate
+"""
+FAST = SamplerSettings(steps=3, guidance=3.0)
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.csv"
+    path.write_text(CSV)
+    return path
+
+
+def pixels(images) -> list[np.ndarray]:
+    return [np.asarray(im) for im in images]
+
+
+def same_images(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(pixels(a), pixels(b), strict=True))
+
+
+def files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+# ------------------------------------------------------------------ sampler settings
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"scheduler": "euler"}, "unknown scheduler 'euler': choose one of ddim, lms"),
+    ({"seeding": "cuda"}, "unknown seeding 'cuda': choose one of cpu, device"),
+    ({"steps": 0}, "steps must be at least 1"),
+    ({"height": -8}, "height must be a positive"),
+])
+def test_sampler_settings_refuse_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplerSettings(**kw)
+
+
+def test_paper_preset_is_the_reference_sampler():
+    assert (PAPER.scheduler, PAPER.seeding, PAPER.steps, PAPER.guidance, PAPER.height,
+            PAPER.width, PAPER.row_settings) == ("lms", "device", 50, 7.5, 512, 512, False)
+    changed = sampler_preset("paper", steps=4, scheduler=None)
+    assert changed.steps == 4 and changed.scheduler == "lms" and PAPER.steps == 50
+    with pytest.raises(ValueError, match="unknown sampler preset 'fast'"):
+        sampler_preset("fast")
+
+
+def test_lms_from_sd14_config_has_the_reference_schedule(tmp_path):
+    """SD 1.4 ships a PNDM scheduler_config.json; LMS built from it steps like the
+    reference's LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012, "scaled_linear")."""
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+        "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}))
+    pipe = SimpleNamespace(scheduler=PNDMScheduler.from_pretrained(tmp_path))
+    use_scheduler(pipe, "lms")
+    reference = LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                     beta_schedule="scaled_linear", num_train_timesteps=1000)
+    assert type(pipe.scheduler) is LMSDiscreteScheduler
+    for sched in (pipe.scheduler, reference):
+        sched.set_timesteps(50)
+    assert torch.equal(pipe.scheduler.timesteps, reference.timesteps)
+    assert torch.equal(pipe.scheduler.sigmas, reference.sigmas)
+    kept = pipe.scheduler
+    use_scheduler(pipe, "lms")
+    assert pipe.scheduler is kept
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        use_scheduler(pipe, "heun")
+
+
+def test_lms_images_differ_from_ddim_and_ddim_comes_back(pipe):
+    prompts, seeds = ["a photo of car", "dog"], [3, 4]
+    ddim = generate(pipe, prompts, seeds, settings=FAST)
+    lms = generate(pipe, prompts, seeds, settings=SamplerSettings(steps=3, guidance=3.0,
+                                                                  scheduler="lms"))
+    assert isinstance(pipe.scheduler, LMSDiscreteScheduler)
+    assert not same_images(ddim, lms)
+    again = generate(pipe, prompts, seeds, settings=FAST)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert same_images(ddim, again)
+
+
+# ------------------------------------------------------------------ seeding
+
+
+@pytest.mark.parametrize("seed,n", [(0, 1), (11, 3), (4261553411, 2)])
+def test_device_seeding_on_cpu_is_one_generator_per_batch(pipe, seed, n):
+    """On the CPU, `device` seeding draws the row's whole batch from one generator seeded
+    with the row's seed, as torch.randn((n, C, H/8, W/8), generator=...) does."""
+    got = seed_noise(pipe, seed, n, 16, 16, seeding="device")
+    expected = torch.randn((n, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(seed))
+    assert torch.equal(got, expected)
+    assert torch.equal(seed_noise(pipe, seed, n, 16, 16, seeding="cpu"), expected)
+    with pytest.raises(ValueError, match="unknown seeding"):
+        seed_noise(pipe, seed, n, 16, 16, seeding="gpu")
+
+
+def test_prompt_file_images_are_the_reference_pipeline_call(pipe, prompts, tmp_path):
+    """The reference calls pipe([prompt] * num_samples, generator=Generator(device)
+    .manual_seed(evaluation_seed)) with LMS, one row per call, ignoring the row's
+    guidance; with --batch-size = num images a row is one call here too: same bytes."""
+    rows = read_prompts(prompts)
+    settings = SamplerSettings(steps=3, guidance=7.5, scheduler="lms", seeding="device",
+                               row_settings=False)
+    generate_prompt_file(pipe, rows, tmp_path / "ours", num_images=2, settings=settings,
+                         batch_size=2)
+    for row in rows:
+        ref = pipe([row.prompt] * 2, num_inference_steps=3, guidance_scale=7.5, height=16,
+                   width=16, generator=torch.Generator(pipe.unet.device).manual_seed(
+                       row.evaluation_seed)).images
+        ours = [Image.open(tmp_path / "ours" / f"{row.case_number}_{i}.png") for i in range(2)]
+        assert same_images(ref, ours), row.case_number
+
+
+def test_row_settings_off_ignores_the_rows_guidance(pipe, prompts, tmp_path):
+    rows = read_prompts(prompts)[1:3]  # rows with their own guidance (9.0 and 2.0)
+    off = SamplerSettings(steps=3, guidance=3.0, row_settings=False)
+    generate_prompt_file(pipe, rows, tmp_path / "off", settings=off)
+    for row in rows:
+        row.guidance = 3.0
+    generate_prompt_file(pipe, rows, tmp_path / "same", settings=FAST)
+    for row in rows:
+        row.guidance = 9.0
+    generate_prompt_file(pipe, rows, tmp_path / "on", settings=FAST)
+    assert files(tmp_path / "off") == files(tmp_path / "same") != files(tmp_path / "on")
