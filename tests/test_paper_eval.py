@@ -1,4 +1,5 @@
-"""The paper's evaluation protocol: LMS sampling and the reference's seeding."""
+"""The paper's evaluation protocol: LMS sampling, the reference's seeding and the `paper`
+sampler preset on the CLI."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from diffusers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
 from PIL import Image
 
+from receler.cli import main
 from receler.eval.prompts import read_prompts
 from receler.sampling import (
     PAPER,
@@ -150,3 +152,46 @@ def test_row_settings_off_ignores_the_rows_guidance(pipe, prompts, tmp_path):
         row.guidance = 9.0
     generate_prompt_file(pipe, rows, tmp_path / "on", settings=FAST)
     assert files(tmp_path / "off") == files(tmp_path / "same") != files(tmp_path / "on")
+
+
+# ------------------------------------------------------------------ receler generate
+
+
+def _generate(tiny_model_dir, prompts, out, *flags) -> int:
+    return main(["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts),
+                 "--device", "cpu", "--num-images", "2", "--batch-size", "2", "--out",
+                 str(out), *flags])
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--preset", "paper", "--steps", "2", "--size", "16"],
+     SamplerSettings(steps=2, guidance=7.5, height=16, width=16, scheduler="lms",
+                     seeding="device", row_settings=False)),
+    (["--preset", "paper", "--steps", "2", "--size", "16", "--scheduler", "ddim",
+      "--guidance", "2", "--row-settings"],
+     SamplerSettings(steps=2, guidance=2.0, height=16, width=16, scheduler="ddim",
+                     seeding="device", row_settings=True)),
+    (["--steps", "2", "--scheduler", "lms", "--seeding", "device"],
+     SamplerSettings(steps=2, guidance=3.0, scheduler="lms", seeding="device")),
+])
+def test_generate_preset_and_flags(tiny_model_dir, prompts, tmp_path, pipe, flags, expected,
+                                   capsys):
+    """--preset paper sets the reference sampler; a flag given explicitly wins. Without the
+    preset the model's receler_defaults.json (guidance 3) fills what no flag sets."""
+    assert _generate(tiny_model_dir, prompts, tmp_path / "cli", *flags) == 0
+    generate_prompt_file(pipe, read_prompts(prompts), tmp_path / "api", num_images=2,
+                         settings=expected, batch_size=2)
+    assert files(tmp_path / "cli") == files(tmp_path / "api")
+    assert len(files(tmp_path / "api")) == 6
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--preset", "paper", "--steps", "0"], "steps must be at least 1, got 0"),
+    (["--size", "-16"], "height must be a positive number of pixels"),
+])
+def test_generate_bad_sampler_flags_are_one_line(tiny_model_dir, prompts, tmp_path, capsys,
+                                                  flags, message):
+    assert _generate(tiny_model_dir, prompts, tmp_path / "bad", *flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("receler: error: ") and message in err[0]
+    assert not (tmp_path / "bad").exists()

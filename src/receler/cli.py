@@ -74,9 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=None,
                    help="images per prompt (default: 4 with --prompt, 1 with --prompts)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image of each prompt")
-    g.add_argument("--steps", type=int, default=None, help="DDIM steps (default: model's, or 50)")
+    g.add_argument("--preset", choices=("paper",), default=None,
+                   help="paper: the Receler reference's test sampler (LMS, 50 steps, guidance "
+                        "7.5, 512 px, --seeding device, row guidance/size ignored); the "
+                        "model's recommended settings are then not applied, flags still win")
+    g.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: model's, or 50)")
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance (default: model's, or 7.5)")
+    g.add_argument("--size", type=int, default=None,
+                   help="image height and width in pixels (default: the model's)")
+    g.add_argument("--scheduler", choices=("ddim", "lms"), default=None,
+                   help="ddim (default) or lms (K-LMS from the model's scheduler config, as "
+                        "the Receler/ESD test scripts sample)")
+    g.add_argument("--seeding", choices=("cpu", "device"), default=None,
+                   help="cpu (default): noise from CPU generators, the same on every device; "
+                        "device: torch.Generator(--device) as the reference's "
+                        "--use_cuda_generator, which SLD's I2P protocol asks for")
+    g.add_argument("--row-settings", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --prompts: a row's evaluation_guidance and sd_image_* cells "
+                        "override --guidance and --size (default: on; off with --preset paper)")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--compare", action="store_true",
                    help="also write base vs erased, same seeds, as one grid PNG")
@@ -206,16 +223,29 @@ def cmd_erase(args, argv: list[str]) -> int:
 def _load_for_generation(args, device=None):
     from .methods import load_edit
     from .pipeline import default_model, load_pipeline
-    from .sampling import SamplerSettings
 
     model = args.model or default_model()
+    _sampler_settings(args, model)  # bad flags fail before the model loads
     pipe = load_pipeline(model, device=device or args.device)
     if args.erasers is not None:
         load_edit(pipe, args.erasers)
-    settings = SamplerSettings.for_model(model)
-    settings.steps = args.steps or settings.steps
-    settings.guidance = args.guidance if args.guidance is not None else settings.guidance
-    return pipe, settings
+    return pipe, _sampler_settings(args, model)
+
+
+def _sampler_settings(args, model):
+    """SamplerSettings from ``--preset`` (or the model's defaults) and the flags given,
+    which win over both."""
+    from dataclasses import replace
+
+    from .sampling import SamplerSettings, sampler_preset
+
+    given = {"steps": args.steps, "guidance": args.guidance, "height": args.size,
+             "width": args.size, "scheduler": args.scheduler, "seeding": args.seeding,
+             "row_settings": args.row_settings}
+    if args.preset is not None:
+        return sampler_preset(args.preset, **given)
+    return replace(SamplerSettings.for_model(model),
+                   **{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_generate_file(args) -> int:
