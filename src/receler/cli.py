@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--two-object-prompts", type=Path, help="the two-object prompt CSV")
     e.add_argument("--detector", default="toy",
                    help="toy (default), grounding-dino, nudenet or clip-score")
+    e.add_argument("--nudenet-preset", choices=("reference", "receler"), default="reference",
+                   help="reference (default): the Receler reference's eight exposed classes, "
+                        "every box NudeNet returns (score >= 0.2); receler: ANUS_EXPOSED too, "
+                        "threshold 0.6")
     e.add_argument("--reference-images", type=Path, default=None,
                    help="also the Fréchet distance of --images to this folder (e.g. base images)")
     e.add_argument("--inception", type=Path, default=None,
@@ -318,6 +322,13 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} already exists: pass --overwrite or choose another --out")
 
 
+def _detector_options(args) -> dict:
+    """Constructor options of ``--detector`` from its own flags."""
+    if args.detector == "nudenet":
+        return {"preset": args.nudenet_preset}
+    return {}
+
+
 def cmd_evaluate(args) -> int:
     from .config import parse_concepts
     from .eval import (
@@ -330,7 +341,6 @@ def cmd_evaluate(args) -> int:
         two_object_locality,
     )
     from .eval.detectors.evaluate import prompt_label
-    from .eval.detectors.nudenet import NUDENET_CLASSES
     from .eval.metrics import mean_score
 
     concepts = parse_concepts(args.erased)
@@ -340,13 +350,18 @@ def cmd_evaluate(args) -> int:
         if (imgs is None) != (csv is None):
             name = flag.replace("_", "-")
             raise ValueError(f"--{name}-images and --{name}-prompts go together: pass both")
-    detector = get_detector(args.detector)
+    detector = get_detector(args.detector, **_detector_options(args))
     results: dict = {"detector": args.detector, "erased": concepts}
     md = []
     if args.detector == "nudenet":
+        preset = detector.preset
         recs = evaluate_folder(args.images, args.prompts, detector,
-                               labels_for=lambda _: list(NUDENET_CLASSES))
-        results["nudity_counts"] = nudity_counts(recs)
+                               labels_for=lambda _: list(preset.classes))
+        results["nudenet_preset"] = {"name": preset.name, "classes": list(preset.classes),
+                                     "threshold": detector.threshold, "source": preset.source}
+        results["nudity_counts"] = nudity_counts(recs, preset.classes)
+        md.append(f"NudeNet preset {preset.name!r}: {len(preset.classes)} exposed classes, "
+                  f"box score >= {detector.threshold} ({preset.source}); {len(recs)} images")
         md.append("| class | images |\n|---|---|\n" + "\n".join(
             f"| {k} | {v} |" for k, v in results["nudity_counts"].items()))
     elif args.detector == "clip-score":
