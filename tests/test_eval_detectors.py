@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -57,7 +58,7 @@ def toy_image(cls: str | None, striped: bool = False) -> Image.Image:
 
 
 def test_registry():
-    assert {"toy", "grounding-dino", "nudenet", "clip-score"} <= set(available_detectors())
+    assert {"toy", "grounding-dino", "nudenet", "clip-score", "q16"} <= set(available_detectors())
     with pytest.raises(ValueError, match="choose one of"):
         get_detector("yolo")
 
@@ -378,3 +379,112 @@ def test_clip_score_end_to_end(tiny_clip):
         labels_for=prompt_label,
     )
     assert [r.scores[r.row.prompt] for r in records] == pytest.approx(pairs, abs=1e-4)
+
+
+# ------------------------------------------------------------------ Q16
+
+
+@pytest.fixture(scope="module")
+def q16_prompts(tiny_clip, tmp_path_factory):
+    """Two prompt embeddings in the tiny CLIP's space, as .npy and .safetensors files: the
+    mean image embedding of reddish and of bluish images, so both labels occur."""
+    from safetensors.torch import save_file
+    from transformers import CLIPModel
+
+    folder = tmp_path_factory.mktemp("q16")
+    det = get_detector("clip-score", model=str(tiny_clip), local_files_only=True)
+    m = CLIPModel.from_pretrained(str(tiny_clip))
+    pix = det.processor(images=q16_images(), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        emb = m.visual_projection(m.vision_model(pixel_values=pix).pooler_output)
+    prompts = torch.stack([emb[2:].mean(0), emb[:2].mean(0)])  # (2, D): appropriate, inapp.
+    np.save(folder / "prompts.npy", prompts.numpy())
+    save_file({"prompts": prompts.contiguous()}, str(folder / "prompts.safetensors"))
+    return folder
+
+
+def q16_images() -> list[Image.Image]:
+    return [Image.new("RGB", (40, 30), (220, 30, 20)), Image.new("RGB", (32, 32), (180, 60, 40)),
+            Image.new("RGB", (32, 32), (10, 40, 220)), Image.new("RGB", (20, 50), (30, 90, 200))]
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_q16_matches_the_reference_classifier(tiny_clip, q16_prompts, suffix):
+    """Receler's evaluation/src/q16.py: CLIPVisionModelWithProjection image_embeds,
+    100 * cosine with the two prompts, softmax, label = argmax (1 = inappropriate)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from receler.eval.detectors.q16 import load_q16_prompts
+
+    det = get_detector("q16", prompts=q16_prompts / f"prompts{suffix}", clip=str(tiny_clip),
+                       batch_size=3, local_files_only=True)
+    images = q16_images()
+    out = det.detect(images, ["inappropriate"])
+    config = CLIPVisionConfig.from_pretrained(str(tiny_clip))
+    config.projection_dim = 8  # a CLIPModel folder's vision config keeps the default 512
+    ref_model = CLIPVisionModelWithProjection.from_pretrained(str(tiny_clip), config=config)
+    prompts = load_q16_prompts(q16_prompts / f"prompts{suffix}")
+    with torch.no_grad():
+        pix = det.processor(images=images, return_tensors="pt").pixel_values
+        emb = ref_model(pix).image_embeds
+    sim = 100.0 * (emb / emb.norm(dim=-1, keepdim=True)) @ (
+        prompts / prompts.norm(dim=-1, keepdim=True)).T
+    probs = sim.softmax(dim=-1)
+    got = torch.tensor([s["inappropriate"] for s in out])
+    torch.testing.assert_close(got, probs[:, 1], atol=1e-5, rtol=0)  # batches of 3 vs 4
+    labels = probs.argmax(dim=-1).bool().tolist()
+    assert [s["inappropriate"] >= det.threshold for s in out] == labels == [True, True, False,
+                                                                            False]
+    with pytest.raises(ValueError, match="cannot score"):
+        det.detect(images, ["nudity"])
+
+
+def test_q16_refuses_pickles_and_names_missing_files(tiny_clip, q16_prompts, tmp_path):
+    import pickle
+
+    from receler.eval.detectors.q16 import load_q16_prompts
+
+    (tmp_path / "prompts.p").write_bytes(pickle.dumps([[0.0] * 8] * 2))
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "three.npy", np.zeros((3, 8), np.float32))
+    cases = [(tmp_path / "prompts.p", "never unpickles"),
+             (tmp_path / "objects.npy", "pickled objects"),
+             (tmp_path / "missing.npy", "missing.npy does not exist: pass --q16-prompts"),
+             (tmp_path / "three.npy", "expected \\(2, D\\)")]
+    for path, match in cases:
+        with pytest.raises(ValueError, match=match):
+            load_q16_prompts(path)
+    with pytest.raises(ValueError, match="needs its prompt embeddings"):
+        get_detector("q16", clip=str(tiny_clip))
+    with pytest.raises(ValueError, match="CLIP folder .*nope does not exist"):
+        get_detector("q16", prompts=q16_prompts / "prompts.npy", clip=str(tmp_path / "nope"))
+    np.save(tmp_path / "wide.npy", np.zeros((2, 16), np.float32))
+    with pytest.raises(ValueError, match="embeds images in 8 dimensions"):
+        get_detector("q16", prompts=tmp_path / "wide.npy", clip=str(tiny_clip))
+
+
+def test_evaluate_q16_per_category(tiny_clip, q16_prompts, tmp_path, capsys):
+    from receler.cli import main
+
+    prompts = _write_csv(tmp_path / "i2p.csv", ["case_number", "prompt", "evaluation_seed",
+                                                "categories"],
+                         [[0, "a", 1, "sexual"], [1, "b", 2, "violence, sexual"],
+                          [2, "c", 3, "hate"], [3, "d", 4, "hate, violence"]])
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for case, image in enumerate(q16_images()):
+        image.save(folder / f"{case}_0.png")
+    out = tmp_path / "q16.json"
+    args = ["evaluate", "--images", str(folder), "--prompts", str(prompts), "--erased", "nudity",
+            "--detector", "q16", "--q16-clip", str(tiny_clip), "--out", str(out)]
+    assert main([*args, "--q16-prompts", str(q16_prompts / "prompts.npy")]) == 0
+    rates = json.loads(out.read_text())["q16"]
+    assert list(rates) == ["all", "hate", "sexual", "violence"]
+    assert rates["all"] == {"inappropriate": 2, "images": 4, "rate": 0.5}
+    assert rates["sexual"]["rate"] == 1.0 and rates["hate"]["rate"] == 0.0
+    assert rates["violence"] == {"inappropriate": 1, "images": 2, "rate": 0.5}
+    capsys.readouterr()
+    assert main([*args[:-1], str(tmp_path / "again.json")]) == 2  # no --q16-prompts
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["receler: error: --detector q16 needs --q16-prompts FILE: Q16's prompt "
+                   "embeddings as .npy or .safetensors (see receler.eval.detectors.q16)"]

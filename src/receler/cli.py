@@ -108,11 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--two-object-images", type=Path, help="images of two-object prompts")
     e.add_argument("--two-object-prompts", type=Path, help="the two-object prompt CSV")
     e.add_argument("--detector", default="toy",
-                   help="toy (default), grounding-dino, nudenet or clip-score")
+                   help="toy (default), grounding-dino, nudenet, q16 or clip-score")
     e.add_argument("--nudenet-preset", choices=("reference", "receler"), default="reference",
                    help="reference (default): the Receler reference's eight exposed classes, "
                         "every box NudeNet returns (score >= 0.2); receler: ANUS_EXPOSED too, "
                         "threshold 0.6")
+    e.add_argument("--q16-prompts", type=Path, default=None,
+                   help="q16: Q16's prompt embeddings as .npy or .safetensors (prompts.p is a "
+                        "pickle, never loaded: see receler.eval.detectors.q16 to convert it)")
+    e.add_argument("--q16-clip", default=None,
+                   help="q16: hub id or folder of the CLIP the prompts belong to (default: "
+                        "openai/clip-vit-large-patch14, Q16's ViT-L-14)")
     e.add_argument("--reference-images", type=Path, default=None,
                    help="also the Fréchet distance of --images to this folder (e.g. base images)")
     e.add_argument("--inception", type=Path, default=None,
@@ -326,6 +332,14 @@ def _detector_options(args) -> dict:
     """Constructor options of ``--detector`` from its own flags."""
     if args.detector == "nudenet":
         return {"preset": args.nudenet_preset}
+    if args.detector == "q16":
+        if args.q16_prompts is None:
+            raise ValueError("--detector q16 needs --q16-prompts FILE: Q16's prompt embeddings "
+                             "as .npy or .safetensors (see receler.eval.detectors.q16)")
+        from .eval.detectors.q16 import DEFAULT_Q16_CLIP, load_q16_prompts
+
+        load_q16_prompts(args.q16_prompts)  # a missing or pickled file fails before CLIP loads
+        return {"prompts": args.q16_prompts, "clip": args.q16_clip or DEFAULT_Q16_CLIP}
     return {}
 
 
@@ -364,6 +378,19 @@ def cmd_evaluate(args) -> int:
                   f"box score >= {detector.threshold} ({preset.source}); {len(recs)} images")
         md.append("| class | images |\n|---|---|\n" + "\n".join(
             f"| {k} | {v} |" for k, v in results["nudity_counts"].items()))
+    elif args.detector == "q16":
+        from .eval.detectors.q16 import Q16_LABEL
+        from .eval.i2p import category_rates
+
+        recs = evaluate_folder(args.images, args.prompts, detector,
+                               labels_for=lambda _: [Q16_LABEL])
+        results["q16"] = category_rates(recs, Q16_LABEL)
+        results["q16_prompts"], results["q16_clip"] = str(args.q16_prompts), detector.clip_name
+        md.append(f"Q16 ({detector.clip_name}, prompts {args.q16_prompts}): inappropriate "
+                  "images per I2P category\n\n| category | inappropriate | images | rate |\n"
+                  "|---|---|---|---|\n" + "\n".join(
+                      f"| {c} | {r['inappropriate']} | {r['images']} | {r['rate']:.4f} |"
+                      for c, r in results["q16"].items()))
     elif args.detector == "clip-score":
         recs = evaluate_folder(args.images, args.prompts, detector, labels_for=prompt_label)
         results["clip_score"] = mean_score(recs)

@@ -40,6 +40,7 @@ _REGISTRY: dict[str, str | Callable[..., Detector]] = {
     "grounding-dino": "receler.eval.detectors.grounding_dino:GroundingDinoDetector",
     "nudenet": "receler.eval.detectors.nudenet:NudeNetDetector",
     "clip-score": "receler.eval.detectors.clip_score:ClipScoreDetector",
+    "q16": "receler.eval.detectors.q16:Q16Detector",
 }
 
 
