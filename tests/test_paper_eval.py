@@ -1,5 +1,5 @@
 """The paper's evaluation protocol: LMS sampling, the reference's seeding, the `paper`
-sampler preset on the CLI and NudeNet presets."""
+sampler preset on the CLI, NudeNet presets and SLD's default safety concept."""
 
 from __future__ import annotations
 
@@ -236,3 +236,37 @@ def test_evaluate_nudenet_names_its_preset(prompts, tmp_path, preset, n_classes,
     assert list(results["nudity_counts"]) == [*used["classes"], "total"]
     assert results["nudity_counts"]["total"] == 0
     assert f"NudeNet preset '{used['name']}'" in out.with_suffix(".md").read_text()
+
+
+# ------------------------------------------------------------------ SLD's safety concept
+
+
+@pytest.mark.parametrize("concepts,option,expected", [
+    (["nudity"], None, "SLD"),
+    ([" Nudity "], None, "SLD"),
+    (["car"], "default", "SLD"),
+    (["nudity"], "a naked body", "a naked body"),
+    (["car", "truck"], None, "car, truck"),
+    (["nudity", "car"], None, "nudity, car"),
+])
+def test_sld_safety_text(concepts, option, expected):
+    from receler.methods.sld import SLD_SAFETY_CONCEPT, SldOptions, safety_text
+
+    text = safety_text(concepts, SldOptions(safety_concept=option))
+    assert text == (SLD_SAFETY_CONCEPT if expected == "SLD" else expected)
+
+
+def test_sld_on_nudity_guides_with_slds_own_text(pipe, tmp_path):
+    from receler import TrainConfig
+    from receler.methods import erase_with
+    from receler.methods.sld import SLD_SAFETY_CONCEPT, SldOptions, get_sld
+    from receler.pipeline import encode
+
+    assert SLD_SAFETY_CONCEPT.startswith("an image showing hate, harassment, violence")
+    assert SLD_SAFETY_CONCEPT.endswith("child abuse, brutality, cruelty")
+    erase_with("sld", pipe, TrainConfig(concepts="nudity"), tmp_path)
+    guidance = get_sld(pipe.unet)
+    assert guidance.text == SLD_SAFETY_CONCEPT
+    assert torch.equal(guidance.safety.hidden, encode(pipe, [SLD_SAFETY_CONCEPT]).hidden)
+    with pytest.raises(ValueError, match="safety_concept is empty"):
+        SldOptions(safety_concept=" ")

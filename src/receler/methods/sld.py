@@ -19,10 +19,15 @@ which is SLD's equation 3 for any guidance scale ``w``, so ``w`` need not be kno
 γ is applied from denoising step ``warmup`` on; the momentum ν is updated from step 0,
 as in diffusers' ``StableDiffusionPipelineSafe``. Defaults are SLD-Medium. A new
 generation is recognised by its timestep not decreasing (or a new batch size), which
-resets the step count and ν; this holds for DDIM (what :func:`receler.sampling.generate`
-uses) and other schedulers with strictly decreasing timesteps, not for Heun-style
-solvers that query one timestep twice. :func:`remove_sld` takes the hooks off; the UNet is then
-exactly as before.
+resets the step count and ν; this holds for DDIM and LMS (the schedulers of
+:func:`receler.sampling.generate`) and other schedulers with strictly decreasing
+timesteps, not for Heun-style solvers that query one timestep twice. :func:`remove_sld`
+takes the hooks off; the UNet is then exactly as before.
+
+The safety concept S is, in this order: ``SldOptions.safety_concept`` when given
+(``"default"`` names SLD's own text, :data:`SLD_SAFETY_CONCEPT`); SLD's own text when the
+erased concept is ``nudity`` alone, as SLD is run on I2P; else the erased concepts joined
+by ``", "``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,16 @@ from ..pipeline import Conditioning, encode
 
 _SLD_ATTR = "_receler_sld"
 
+# SLD's default safety concept: ``StableDiffusionPipelineSafe.safety_concept`` in diffusers
+# (pipelines/deprecated/stable_diffusion_safe/pipeline_stable_diffusion_safe.py).
+SLD_SAFETY_CONCEPT = (
+    "an image showing hate, harassment, violence, suffering, humiliation, harm, suicide, "
+    "sexual, nudity, bodily fluids, blood, obscene gestures, illegal activity, drug use, "
+    "theft, vandalism, weapons, child abuse, brutality, cruelty"
+)
+# Erased concepts for which SLD's own text is the safety concept unless one is given.
+SLD_DEFAULT_FOR = ("nudity",)
+
 
 @dataclass
 class SldOptions:
@@ -48,9 +63,13 @@ class SldOptions:
     momentum: float = field(default=0.3, metadata={"help": "momentum scale s_m"})
     beta: float = field(default=0.4, metadata={"help": "momentum decay β_m"})
     safety_concept: str | None = field(default=None, metadata={
-        "help": "safety prompt (default: the erased concepts joined by ', ')"})
+        "help": "safety prompt; 'default' = SLD's own text (default: SLD's own text when the "
+                "concept is nudity, else the erased concepts joined by ', ')"})
 
     def __post_init__(self):
+        if self.safety_concept is not None and not str(self.safety_concept).strip():
+            raise ValueError("safety_concept is empty: give a safety prompt, 'default' for "
+                             "SLD's own text, or leave it out")
         if self.warmup < 0 or self.guidance < 0 or not 0 <= self.beta <= 1:
             raise ValueError(f"bad SLD settings: guidance={self.guidance} (>= 0), warmup="
                              f"{self.warmup} (>= 0), beta={self.beta} (in [0, 1])")
@@ -61,6 +80,7 @@ class SafetyGuidance:
 
     def __init__(self, pipe, safety: Conditioning, options: SldOptions):
         self.safety, self.options = safety, options
+        self.text: str | None = None  # the safety prompt, set by attach_sld
         self._pipe = weakref.ref(pipe)
         self.enabled = True
         self.warned = False
@@ -148,6 +168,17 @@ class SafetyGuidance:
         return type(output)(sample=new)
 
 
+def safety_text(concepts: list[str], options: SldOptions) -> str:
+    """The safety prompt SLD guides away from (see the module docstring)."""
+    if options.safety_concept == "default":
+        return SLD_SAFETY_CONCEPT
+    if options.safety_concept is not None:
+        return options.safety_concept
+    if len(concepts) == 1 and concepts[0].strip().lower() in SLD_DEFAULT_FOR:
+        return SLD_SAFETY_CONCEPT
+    return ", ".join(concepts)
+
+
 def get_sld(unet) -> SafetyGuidance | None:
     return getattr(unet, _SLD_ATTR, None)
 
@@ -156,8 +187,9 @@ def attach_sld(pipe, concepts: list[str], options: SldOptions) -> SafetyGuidance
     """Hook SLD onto ``pipe.unet`` with ``concepts`` as the safety concept."""
     if get_sld(pipe.unet) is not None:
         raise ValueError("SLD is already attached to this UNet: remove_edit(pipe) first")
-    text = options.safety_concept or ", ".join(concepts)
+    text = safety_text(concepts, options)
     guidance = SafetyGuidance(pipe, encode(pipe, [text]), options)
+    guidance.text = text
     unet = pipe.unet
     guidance.handles = [
         unet.register_forward_pre_hook(guidance.pre_hook, with_kwargs=True),
