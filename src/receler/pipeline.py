@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
+from huggingface_hub import hf_hub_download
 from transformers.utils import logging as transformers_logging
 
 logger = logging.getLogger(__name__)
@@ -31,10 +32,33 @@ def default_model() -> str:
     return str(default_model_path())
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def pick_device(device: str | None = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``device`` as a ``torch.device``, checked; default CUDA if available, else the CPU."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"invalid device {device!r}: pass cpu, cuda, cuda:1, mps, ...") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch has no CUDA device "
+                         f"(torch {torch.__version__}); pass --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) "
+                         "are visible")
+    return dev
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"fp32"``/``"bf16"``/``"fp16"`` (or a ``torch.dtype``, or ``None``) as a dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: pass one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -44,24 +68,52 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def model_index(model: str) -> dict:
+    """``model_index.json`` of a local folder or a hub id (one small download for a hub id)."""
+    path = Path(model)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ValueError(f"{model} is not a diffusers pipeline (no model_index.json): pass "
+                             "a folder written by save_pretrained, or a hub id")
+    elif path.exists():
+        raise ValueError(f"{model} is a file, not a diffusers pipeline folder: pass a folder "
+                         "written by save_pretrained, or a hub id")
+    else:
+        try:
+            index = Path(hf_hub_download(model, "model_index.json"))
+        except Exception as e:  # noqa: BLE001 - the hub client raises many kinds
+            raise ValueError(f"cannot load pipeline {model!r}: {str(e).splitlines()[0]} (pass a "
+                             "local diffusers folder, or a hub id reachable from here)") from None
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {index}: {e}; the pipeline folder is damaged") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{index} is not a diffusers model_index.json (not a JSON object)")
+    return data
+
+
 def load_pipeline(model: str | None = None, *, device: str | torch.device | None = None,
-                  dtype: torch.dtype | None = None) -> DiffusionPipeline:
+                  dtype: str | torch.dtype | None = None) -> DiffusionPipeline:
     """Load a Stable-Diffusion-family pipeline by hub id or local folder (safetensors only).
+
+    The safety checker is never loaded, by hub id or by folder: it replaces every image it
+    flags with a black one, which would make nudity counts on I2P near zero for every
+    model, the unerased one included. ``SAFETY_CHECKER_NOTE`` is what the CLI tells users.
 
     Args:
         model: hub id or folder written by ``save_pretrained``; ``None`` is the toy model.
         device: where to put it; default CUDA if available.
-        dtype: default bf16/fp16 on CUDA, fp32 on the CPU.
+        dtype: ``torch.float32``/``bfloat16``/``float16`` or ``"fp32"``/``"bf16"``/``"fp16"``;
+            default bf16/fp16 on CUDA, fp32 on the CPU. Trained weights keep fp32 master
+            copies whatever this is (see the training methods).
     """
     model = model or default_model()
-    path = Path(model)
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise ValueError(f"{model} is not a diffusers pipeline (no model_index.json): pass a "
-                         "folder written by save_pretrained, or a hub id")
     device = pick_device(device) if not isinstance(device, torch.device) else device
-    dtype = dtype or default_dtype(device)
+    dtype = parse_dtype(dtype) or default_dtype(device)
     kwargs = {}
-    if path.is_dir() and "safety_checker" in json.loads((path / "model_index.json").read_text()):
+    if "safety_checker" in model_index(model):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
@@ -70,6 +122,8 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device | None
                                                  **kwargs)
     except OSError as e:
         raise ValueError(f"cannot load pipeline {model!r}: {str(e).splitlines()[0]}") from None
+    if getattr(pipe, "safety_checker", None) is not None:  # a custom pipeline class
+        pipe.safety_checker = None
     pipe.set_progress_bar_config(disable=True)  # ours show progress over whole jobs
     pipe.to(device)
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -77,6 +131,10 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device | None
         if module is not None:
             module.requires_grad_(False).eval()
     return pipe
+
+
+SAFETY_CHECKER_NOTE = ("safety checker off: receler loads every pipeline without it, so "
+                       "flagged images are kept as generated (the evaluation needs them)")
 
 
 @dataclass
