@@ -146,8 +146,9 @@ def test_uce_maps_concept_to_anchor_and_preserves_others(pipe, tiny_model_dir, t
     opts = UceOptions(anchor="", preserve=["dog", "a photo of cat"])
     before = unet_state(pipe)
     c, anchor = uce_rows(pipe, "car", "")  # (R, d) rows of the concept and the anchor
-    kept = encode(pipe, opts.preserve).hidden.flatten(0, 1)  # (P·T, d)
-    unpreserved = uce_weights(pipe, ["car"], UceOptions(anchor=""))
+    assert opts.preserved_prompts == ["", "dog", "a photo of cat"]  # '' always, as the reference
+    kept = encode(pipe, opts.preserved_prompts).hidden.flatten(0, 1)  # (P·T, d)
+    unpreserved = uce_weights(pipe, ["car"], UceOptions(anchor="", preserve_empty=False))
     base = images(pipe)
     result = erase_with("uce", pipe, config(), tmp_path, options=opts)
     after = unet_state(pipe)
@@ -159,13 +160,16 @@ def test_uce_maps_concept_to_anchor_and_preserves_others(pipe, tiny_model_dir, t
         w, w_new = before[n], after[n]
         target = anchor @ w.T  # what the anchor reads as
         # The tiny model has 16-dim text embeddings and 23 rows per prompt, more rows than
-        # dimensions, so the map cannot be exact (on SD, 768 dims, it nearly is).
-        assert (c @ w_new.T - target).norm() < 0.6 * (c @ w.T - target).norm(), n
+        # dimensions, so the map cannot be exact (on SD, 768 dims, it nearly is); the
+        # reference's λ = 0.5 and its preserved '' rows (which share the padding positions)
+        # hold W* closer to W than λ = 0.1 did, so the gap shrinks by about 40% here.
+        assert (c @ w_new.T - target).norm() < 0.75 * (c @ w.T - target).norm(), n
         drift = lambda w2: ((kept @ w2.T - kept @ w.T).norm() / (kept @ w.T).norm()).item()  # noqa: E731,B023
         assert drift(w_new) < 0.25 and drift(w_new) < 0.6 * drift(unpreserved[n]), n
         # W* is the minimiser: the objective's gradient vanishes there
-        grad = ((c @ w_new.T - target).T @ c + 0.1 * (kept @ w_new.T - kept @ w.T).T @ kept
-                + 0.1 * (w_new - w))
+        s_p, lamb = opts.scale_preserved, opts.lamb  # 1/3 (three prompts) and 0.5
+        grad = ((c @ w_new.T - target).T @ c + s_p * (kept @ w_new.T - kept @ w.T).T @ kept
+                + lamb * (w_new - w))
         assert grad.abs().max() < 1e-4 * max(w.abs().max(), 1), n
 
     edited = images(pipe)

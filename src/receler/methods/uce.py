@@ -12,11 +12,16 @@ the minimiser of ``s_e Σ‖W' c_i − v*_i‖² + s_p Σ‖W' c_j − W c_j‖�
   (the last word and every end/padding position after it, which in CLIP's causal
   encoder all carry the concept), aligned with the anchor prompt's rows from *its* last
   token, ``v*_i = W c_anchor``: the concept now reads as the anchor (default ``""``);
-* preserved rows ``c_j``: every position of each preserved prompt, kept at ``W c_j``.
+* preserved rows ``c_j``: every position (all of the tokenizer's ``model_max_length``,
+  77 on SD) of each preserved prompt, kept at ``W c_j``.
 
-This follows UCE's reference ``edit_model`` (``train_erase.py``, technique ``replace``),
-including its defaults λ = 0.1, s_e = 1, s_p = 0.1. A bias, if a projection has one,
-cancels from both sides and is left alone. The solve runs in float64.
+The defaults are those of UCE's reference script (rohitgandikota/unified-concept-editing,
+``train-scripts/train_erase.py``, technique ``replace``): the empty prompt ``''`` is always
+preserved (``retain_texts = [''] + preserve_concepts``), λ = 0.5 (``edit_model(...,
+lamb=0.5)``), s_e = 1 and s_p = max(0.1, 1 / len(retain_texts)) unless given. The options
+``preserve_empty=false``, ``lamb=0.1`` and ``preserve_scale=0.1`` give the edit without
+the empty-prompt rows (``edit_model``'s own keyword defaults). A bias, if a projection has
+one, cancels from both sides and is left alone. The solve runs in float64.
 """
 
 from __future__ import annotations
@@ -38,20 +43,41 @@ class UceOptions:
                 "or a list with one per concept"})
     preserve: list[str] = field(default_factory=list, metadata={
         "help": "concepts whose cross-attention outputs are kept (optional)"})
-    lamb: float = field(default=0.1, metadata={
+    preserve_empty: bool = field(default=True, metadata={
+        "help": "also preserve the empty prompt '' (the reference script always does)"})
+    lamb: float = field(default=0.5, metadata={
         "help": "λ: weight of ‖W* − W‖² (keeps the edit close to the original)"})
     erase_scale: float = field(default=1.0, metadata={"help": "s_e: weight of the erased rows"})
-    preserve_scale: float = field(default=0.1, metadata={
-        "help": "s_p: weight of the preserved rows"})
+    preserve_scale: float | None = field(default=None, metadata={
+        "help": "s_p: weight of the preserved rows (default max(0.1, 1 / number of preserved "
+                "prompts), as in the reference)"})
 
     def __post_init__(self):
         if isinstance(self.preserve, str):
             self.preserve = [p.strip() for p in self.preserve.split(",") if p.strip()]
+        if not isinstance(self.preserve_empty, bool):
+            raise ValueError(f"UCE preserve_empty must be true or false, got "
+                             f"{self.preserve_empty!r}")
         for name in ("lamb", "erase_scale", "preserve_scale"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"UCE {name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is None and name == "preserve_scale":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(f"UCE {name} must be a number >= 0, got {value!r}")
         if self.lamb == 0 and self.erase_scale == 0:
             raise ValueError("UCE needs lamb > 0 or erase_scale > 0 for a solvable edit")
+
+    @property
+    def preserved_prompts(self) -> list[str]:
+        """The prompts whose rows are kept: ``''`` first (unless off), then ``preserve``."""
+        return ([""] if self.preserve_empty else []) + [p for p in self.preserve if p]
+
+    @property
+    def scale_preserved(self) -> float:
+        """s_p: as given, else the reference's max(0.1, 1 / len(retain_texts))."""
+        if self.preserve_scale is not None:
+            return float(self.preserve_scale)
+        return max(0.1, 1.0 / max(1, len(self.preserved_prompts)))
 
     def anchors(self, concepts: list[str]) -> list[str]:
         if isinstance(self.anchor, str):
@@ -96,10 +122,11 @@ def uce_weights(pipe, concepts: list[str], options: UceOptions) -> dict[str, tor
                                                   strict=True)]
     c_erase = torch.cat([c for c, _ in erase]).double()  # (R, d)
     c_anchor = torch.cat([a for _, a in erase]).double()  # (R, d)
-    c_keep = (encode(pipe, options.preserve).hidden.flatten(0, 1).double() if options.preserve
-              else c_erase.new_zeros((0, c_erase.shape[1])))  # (P·T, d)
+    keep = options.preserved_prompts
+    c_keep = (encode(pipe, keep).hidden.flatten(0, 1).double() if keep
+              else c_erase.new_zeros((0, c_erase.shape[1])))  # (P·T, d), every position
     params = dict(pipe.unet.named_parameters())
-    s_e, s_p, lamb = options.erase_scale, options.preserve_scale, options.lamb
+    s_e, s_p, lamb = options.erase_scale, options.scale_preserved, options.lamb
     eye = torch.eye(c_erase.shape[1], dtype=torch.float64, device=c_erase.device)
     rhs = lamb * eye + s_e * c_erase.T @ c_erase + s_p * c_keep.T @ c_keep  # (d, d), symmetric
     edited = {}
