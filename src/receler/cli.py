@@ -40,6 +40,38 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="hub id or local diffusers folder (default: the shipped toy model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if any)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="precision of the loaded model (default: bf16 on CUDA, fp32 on the CPU); "
+                        "trained weights keep fp32 master copies whatever this is")
+
+
+def _load(args, model: str, device=None):
+    """The pipeline of ``--model``/``--device``/``--dtype`` (without its safety checker)."""
+    from .pipeline import load_pipeline
+
+    return load_pipeline(model, device=device or args.device, dtype=args.dtype)
+
+
+def _say_safety_checker_off() -> None:
+    """Said by the commands that generate, once their inputs have loaded: the safety checker
+    would black out the very images an erasure evaluation counts."""
+    from .pipeline import SAFETY_CHECKER_NOTE
+
+    print(f"note: {SAFETY_CHECKER_NOTE}", file=sys.stderr)
+
+
+def _add_concept_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--concept", required=True, action="append",
+                   help=f"{what}; each value is one concept, commas kept (\"red, cat\" is one "
+                        "concept, as the reference code erases it); repeat the flag for several")
+
+
+def _add_preset_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=("paper",), default=None,
+                   help="paper: what the official Receler code trains (500 iterations, rank 128, "
+                        "50 attack steps of Adam lr 0.1 with weight decay 0.1 on U[0,1) soft "
+                        "tokens, the eraser step on the attacked prompt only); the model's "
+                        "recommended settings are then not applied, flags still win")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("erase", help="train erasers that remove concepts from a model")
-    p.add_argument("--concept", required=True, help='concept(s) to erase, e.g. "car, truck"')
+    _add_concept_flag(p, "concept to erase")
     p.add_argument("--out", required=True, type=Path, help="folder for the erasers")
     _add_model_flags(p)
+    _add_preset_flag(p)
     _add_train_flags(p)
     p.add_argument("--method", default="receler",
                    help="receler (default), receler-eraser-only, receler-eraser-reg, "
@@ -140,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace an existing attack.json")
 
     r = sub.add_parser("protocol", help="erase → generate → evaluate → attack → report")
-    r.add_argument("--concept", required=True, help="the concept to erase")
+    _add_concept_flag(r, "the concept to erase (one)")
     r.add_argument("--out", required=True, type=Path, help="run folder (resumable)")
     _add_model_flags(r)
     r.add_argument("--method", default="receler", help="erasure method (default: receler)")
@@ -152,20 +185,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--base-dir", type=Path, default=None,
                    help="folder of base-model images to share between runs (default: in --out)")
     r.add_argument("--attack-steps", type=int, default=100, help="soft-prompt attack steps")
+    _add_preset_flag(r)
     _add_train_flags(r)
     return parser
 
 
-def _train_config(args, concepts: str, method: str = "receler", *, quiet: bool = False):
+def _train_config(args, concepts: str | list[str], method: str = "receler", *,
+                  quiet: bool = False):
     """TrainConfig from the flags given. A flag left out takes, in this order: the setting
     the model recommends in its ``receler_defaults.json`` (the toy model has some), the
     method's published default (ESD: lr 1e-5, 1000 iterations), TrainConfig's default.
-    The model's recommendations in use are announced on stderr unless ``quiet``."""
-    from .config import TrainConfig, model_erase_defaults
+    With ``--preset paper`` the model's recommendations are skipped and the preset's values
+    come before the method's. The model's recommendations in use are announced on stderr
+    unless ``quiet``. ``concepts``: a list (``--concept`` values) keeps commas."""
+    from .config import PRESETS, TrainConfig, cli_concepts, model_erase_defaults
     from .methods import get_method
 
+    if isinstance(concepts, list):
+        concepts = cli_concepts(concepts)
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
              if f.name != "concepts" and getattr(args, f.name) is not None}
+    preset = getattr(args, "preset", None)
+    if preset is not None:
+        paper = {} if method.startswith("receler") else get_method(method).paper_defaults
+        return TrainConfig(concepts=concepts, **{**PRESETS[preset], **paper, **given})
     model = args.model
     if model is None:
         from .pipeline import default_model
@@ -207,11 +250,11 @@ def cmd_erase(args, argv: list[str]) -> int:
     options = method_options(args.method, _method_options(args.method_option))
     check_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
 
-    from .pipeline import default_model, load_pipeline  # heavy imports after the checks
+    from .pipeline import default_model  # heavy imports after the checks
     from .train import TrainingDiverged, TrainingInterrupted
 
     model = args.model or default_model()
-    pipe = load_pipeline(model, device=args.device)
+    pipe = _load(args, model)
     try:
         result = erase_with(args.method, pipe, config, args.out, base_model=model,
                             overwrite=args.overwrite, resume=args.resume, options=options,
@@ -232,13 +275,14 @@ def cmd_erase(args, argv: list[str]) -> int:
 
 def _load_for_generation(args, device=None):
     from .methods import load_edit
-    from .pipeline import default_model, load_pipeline
+    from .pipeline import default_model
 
     model = args.model or default_model()
     _sampler_settings(args, model)  # bad flags fail before the model loads
-    pipe = load_pipeline(model, device=device or args.device)
+    pipe = _load(args, model, device)
     if args.erasers is not None:
         load_edit(pipe, args.erasers)
+    _say_safety_checker_off()
     return pipe, _sampler_settings(args, model)
 
 
@@ -426,7 +470,7 @@ def cmd_attack(args) -> int:
     from .attack import AttackConfig, target_latents
     from .eval import get_detector
     from .methods import edit_disabled, load_edit
-    from .pipeline import default_model, load_pipeline
+    from .pipeline import default_model
     from .protocol import measure_attacks
     from .sampling import SamplerSettings
 
@@ -435,8 +479,9 @@ def cmd_attack(args) -> int:
         raise ValueError(f"--num-images must be positive, got {args.num_images}")
     _refuse_existing(args.out / "attack.json", args.overwrite)
     model = args.model or default_model()
-    pipe = load_pipeline(model, device=args.device)
+    pipe = _load(args, model)
     load_edit(pipe, args.erasers)
+    _say_safety_checker_off()
     settings = SamplerSettings.for_model(model)
     detector = get_detector(args.detector)
     prompt = args.prompt or f"a photo of a {args.concept}"
@@ -463,13 +508,18 @@ def cmd_protocol(args) -> int:
     from .attack import AttackConfig
     from .protocol import Protocol, ProtocolConfig
 
-    cfg = ProtocolConfig(concept=args.concept, out=args.out, model=args.model, method=args.method,
+    if len(args.concept) != 1:
+        raise ValueError("protocol measures one concept: pass --concept once")
+    concept = args.concept[0]
+    cfg = ProtocolConfig(concept=concept, out=args.out, model=args.model, method=args.method,
                          detector=args.detector, per_class=args.per_class,
                          concept_rows=args.concept_rows, attack_images=args.attack_images,
-                         device=args.device, train=_train_config(args, args.concept, args.method),
+                         device=args.device, dtype=args.dtype,
+                         train=_train_config(args, [concept], args.method),
                          attack=AttackConfig(steps=args.attack_steps), base_dir=args.base_dir)
+    _say_safety_checker_off()
     results = Protocol(cfg).run()
-    print(f"{args.concept} ({args.method}): Acc_E {results['acc_e']:.3f}  Acc_R "
+    print(f"{concept} ({args.method}): Acc_E {results['acc_e']:.3f}  Acc_R "
           f"{results['acc_r'] if results['acc_r'] is None else round(results['acc_r'], 3)}  "
           f"Acc_L {results['acc_l']:.3f}  H {results['h']}  soft attack "
           f"{results['attack_success_soft']:.3f}; base Acc_E {results['base']['acc_e']:.3f}. "

@@ -20,18 +20,64 @@ def _f(default: Any, help: str) -> Any:
 
 
 def parse_concepts(text: str | list[str]) -> list[str]:
-    """``"car, truck"`` → ``["car", "truck"]``; refuses empty concepts."""
-    items = text.split(",") if isinstance(text, str) else list(text)
+    """Concepts to erase: a list is taken as it is, each item one concept (commas kept, as
+    the reference code erases ``"red, cat"`` as one prompt); a string is split on commas
+    (``"car, truck"`` → ``["car", "truck"]``). Refuses empty and repeated concepts."""
+    if isinstance(text, str):
+        items = text.split(",")
+    elif isinstance(text, list | tuple) and all(isinstance(c, str) for c in text):
+        items = list(text)
+    else:
+        raise TypeError(f"concepts must be a string or a list of strings, got {text!r}")
     concepts = [c.strip() for c in items]
     if not concepts or any(not c for c in concepts):
         raise ValueError(
-            f"empty concept in {text!r}: pass one or more comma-separated concepts, "
-            "e.g. --concept \"car, truck\""
+            f"empty concept in {text!r}: pass one or more concepts, e.g. --concept car "
+            "--concept truck"
         )
+    seen = set()
+    for c in concepts:
+        if c in seen:
+            raise ValueError(f"concept {c!r} is listed twice in {text!r}: list each concept once")
+        seen.add(c)
     return concepts
 
 
+def cli_concepts(values: list[str]) -> list[str]:
+    """``--concept`` given once or more: each value is one concept, commas kept. Several
+    values one of which holds a comma are refused: is ``"car, truck"`` then one concept or
+    two?"""
+    for v in values:
+        if "," in v and any(not part.strip() for part in v.split(",")):
+            raise ValueError(f"empty concept in --concept {v!r}: a concept may hold commas "
+                             "between words (\"red, cat\"), not empty parts; pass each "
+                             "concept as its own --concept")
+    if len(values) > 1:
+        for v in values:
+            if "," in v:
+                raise ValueError(
+                    f"--concept {v!r} holds a comma while --concept is given {len(values)} "
+                    "times: is it one concept or two? Pass each concept as its own --concept, "
+                    "or a comma-holding concept alone")
+    return parse_concepts(list(values))
+
+
 MASK_SOURCES = ("attention", "guidance")
+ADV_INITS = ("prompt", "uniform")
+ERASE_ON = ("both", "attacked")
+# `--preset paper`: what the official code (jasper0314-huang/Receler, train_receler.py)
+# trains: its argparse defaults (500 iterations, lr 3e-4, rank 128, regulariser 0.1,
+# threshold 0.1, 50 DDIM steps, start guidance 3, 16 soft tokens, attack from the first
+# iteration) and its inner loop: 50 attack steps with Adam(lr=0.1, weight_decay=0.1) on
+# soft tokens initialised with torch.rand (U[0,1)), the eraser step on the attacked prompt
+# only. A model's own recommendations are not applied under a preset; flags still win.
+PRESETS = {
+    "paper": {"iterations": 500, "lr": 3e-4, "rank": 128, "eta": 1.0, "start_guidance": 3.0,
+              "ddim_steps": 50, "zt_reuse": 1, "reg_weight": 0.1, "mask_source": "attention",
+              "mask_threshold": 0.1, "anchor_weight": 0.0, "adv_steps": 50, "adv_tokens": 16,
+              "adv_lr": 0.1, "adv_start": 0, "adv_weight_decay": 0.1, "adv_init": "uniform",
+              "erase_on": "attacked"},
+}
 MODEL_DEFAULTS_FILE = "receler_defaults.json"
 
 
@@ -63,7 +109,8 @@ def model_erase_defaults(model: str | Path | None, method: str) -> dict[str, Any
 class TrainConfig:
     """Settings of ``receler erase``. Defaults follow the Receler paper."""
 
-    concepts: list[str] = _f(MISSING, "concepts to erase, comma-separated for several")
+    concepts: list[str] = _f(MISSING, "concepts to erase: a list, each item one concept (commas "
+                                      "kept), or one string split on commas")
     iterations: int = _f(500, "eraser training iterations (one sampled z_t each)")
     lr: float = _f(3e-4, "learning rate of the erasers (Adam)")
     rank: int = _f(128, "hidden width of each eraser MLP")
@@ -91,6 +138,13 @@ class TrainConfig:
     adv_tokens: int = _f(16, "number of adversarial soft tokens after the concept tokens")
     adv_lr: float = _f(1e-2, "learning rate of the adversarial soft tokens (Adam)")
     adv_start: int = _f(0, "first iteration that uses adversarial prompts")
+    adv_weight_decay: float = _f(0.0, "weight decay of the soft tokens' Adam (the paper's "
+                                      "code: 0.1)")
+    adv_init: str = _f("prompt", "soft-token start: 'prompt' (the embeddings they replace: no "
+                                 "change at first) or 'uniform' (U[0,1), the paper's code)")
+    erase_on: str = _f("both", "prompts of the eraser step once the attack runs: 'both' (the "
+                               "plain and the attacked prompt, one batch) or 'attacked' (the "
+                               "attacked prompt only, the paper's code)")
     seed: int = _f(0, "seed of every random draw of the run")
     checkpoint_every: int = _f(50, "write a resumable checkpoint every N iterations")
     mask_image_every: int = _f(100, "save a picture of the concept mask every N iterations (0 = never)")
@@ -114,6 +168,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0 or self.adv_lr <= 0:
             raise ValueError(f"learning rates must be positive, got lr={self.lr}, adv_lr={self.adv_lr}")
+        if self.adv_weight_decay < 0 or not math.isfinite(self.adv_weight_decay):
+            raise ValueError(f"adv_weight_decay must be a finite number >= 0, got "
+                             f"{self.adv_weight_decay}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}: a negative η trains towards "
+                             "the concept instead of away from it")
+        for name, allowed in (("adv_init", ADV_INITS), ("erase_on", ERASE_ON)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got "
+                                 f"{getattr(self, name)!r}")
         if self.mask_source not in MASK_SOURCES:
             raise ValueError(f"mask_source must be one of {', '.join(MASK_SOURCES)}, "
                              f"got {self.mask_source!r}")

@@ -75,6 +75,7 @@ class ProtocolConfig:
     attack_images: int = 10  # images generated per attacked prompt
     attack_prompt: str | None = None  # prompt the attacks start from (default: a simple one)
     device: str | None = None
+    dtype: str | None = None  # fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on the CPU)
     train: TrainConfig | None = None  # default: TrainConfig(concepts=concept)
     attack: AttackConfig = field(default_factory=AttackConfig)
     prompts: PromptSets | None = None  # default: the toy world's sets
@@ -82,7 +83,7 @@ class ProtocolConfig:
 
     def __post_init__(self):
         self.out = Path(self.out)
-        self.train = self.train or TrainConfig(concepts=self.concept)
+        self.train = self.train or TrainConfig(concepts=[self.concept])
         if self.train.concepts != [self.concept]:
             raise ValueError(f"the protocol erases one concept; got train concepts "
                              f"{self.train.concepts} for concept {self.concept!r}")
@@ -213,7 +214,7 @@ class Protocol:
     def run(self) -> dict:
         cfg = self.cfg
         cfg.out.mkdir(parents=True, exist_ok=True)
-        pipe = self.timed("load", load_pipeline, self.model, device=cfg.device)
+        pipe = self.timed("load", load_pipeline, self.model, device=cfg.device, dtype=cfg.dtype)
         self.settings = SamplerSettings.for_model(self.model)
         self.detector = self.timed("load", get_detector, cfg.detector)
         latents = self.timed("attack", target_latents, pipe, self.concept_prompt(),
@@ -234,6 +235,8 @@ class Protocol:
         results.update(latency, base_images=str(self.folder("base")))
         results.update(concept=cfg.concept, method=cfg.method, model=self.model,
                        detector=cfg.detector, seconds=dict(self.seconds),
+                       dtype=str(pipe.unet.dtype).removeprefix("torch."),
+                       safety_checker="off",  # load_pipeline never loads it
                        rows={k: len(v) for k, v in self.rows.items()},
                        config=json.loads(json.dumps(asdict(cfg), default=str)))
         from .report import write_report

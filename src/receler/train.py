@@ -72,6 +72,8 @@ from .viz import MaskPictures, loss_curves
 
 logger = logging.getLogger(__name__)
 LOG_FILE = "train_log.jsonl"
+# settings a resumed run may change: how long it runs and how often it writes things
+RESUME_FREE = ("iterations", "checkpoint_every", "mask_image_every")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -149,6 +151,18 @@ class TrainingLoop:
                              for i, c in enumerate(self.config.concepts)
                              if f"trajectory.{i}" in tensors}
 
+    def check_resumable(self, path: Path, saved: dict) -> None:
+        """Refuse to resume a checkpoint trained with other settings than asked now (only
+        the iteration count and the bookkeeping intervals may change)."""
+        asked = self.config.to_dict()
+        for key, value in saved.items():
+            if key in RESUME_FREE or key not in asked or asked[key] == value:
+                continue
+            flag = "--concept" if key == "concepts" else "--" + key.replace("_", "-")
+            raise ValueError(f"checkpoint {path} was trained with {key}={value!r}, not "
+                             f"{asked[key]!r}: resume with the same {flag}, or start again "
+                             "with --overwrite")
+
     def step(self) -> IterationResult:
         raise NotImplementedError
 
@@ -203,14 +217,21 @@ class TrainingLoop:
                samples: int = 1) -> None:
         """Stop on a non-finite loss (keeping the last checkpoint), else take one step."""
         if not torch.isfinite(loss) or not all(math.isfinite(x) for x in extra_losses):
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at iteration {self.iteration + 1}; "
-                f"the last good checkpoint is kept in {self.out_dir}: lower --lr and use --resume")
+            where = f"loss became {loss.item()} at iteration {self.iteration + 1}"
+            if (self.out_dir / CHECKPOINT_FILE).is_file():
+                raise TrainingDiverged(f"{where}; the last good checkpoint is kept in "
+                                       f"{self.out_dir}: lower --lr and use --resume")
+            raise TrainingDiverged(f"{where}, before any checkpoint was written: lower --lr "
+                                   "and start again with --overwrite")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.passes(samples, backward=True)
-        self.optimizer.step()
+        self.optimizer_step()
         self.iteration += 1
+
+    def optimizer_step(self) -> None:
+        """One step of ``optimizer`` on the gradients ``backward`` left."""
+        self.optimizer.step()
 
     def _on_sigint(self, signum, frame):
         if self._stop_requested:  # a second Ctrl-C stops at once
@@ -316,13 +337,18 @@ class Trainer(TrainingLoop):
                 raise ValueError(f"concept {c!r} has {len(idx)} tokens: with {config.adv_tokens} "
                                  f"adversarial tokens it exceeds the {max_len}-token prompt; "
                                  "lower --adv-tokens")
-        # One soft prompt per concept, initialised to the embedding it replaces (no change).
+        # One soft prompt per concept, initialised to the embedding it replaces (no change),
+        # or, as the paper's code does, to U[0,1) noise.
         self.adv = {}
         for c, idx in self.tokens.items():
             start = idx[-1] + 1
             init = self.cond[c].hidden[0, start:start + config.adv_tokens].float().clone()
+            if config.adv_init == "uniform":
+                init = torch.rand(init.shape, generator=self.generator).to(init.device)
             self.adv[c] = init.requires_grad_(True)
-        self.adv_opts = {c: torch.optim.Adam([p], lr=config.adv_lr) for c, p in self.adv.items()}
+        self.adv_opts = {c: torch.optim.Adam([p], lr=config.adv_lr,
+                                             weight_decay=config.adv_weight_decay)
+                         for c, p in self.adv.items()}
 
     # ------------------------------------------------------------------ one iteration
     def adversarial_hidden(self, concept: str, soft: torch.Tensor) -> torch.Tensor:
@@ -371,9 +397,10 @@ class Trainer(TrainingLoop):
                 attack_losses.append(attack_step(soft, opt, predict, e_cond))
                 self.passes(1, backward=True)
             # Erase on the plain prompt and under the attack, in one batch. Trained under the
-            # attack alone, the erasers learn to undo the soft tokens and leave the plain
-            # prompt's image in place (measured on the toy model: no erasure at all).
-            prompts = cond.cat(cond.with_hidden(self.adversarial_hidden(concept, soft.detach())))
+            # attack alone (erase_on='attacked', the paper's code), the erasers learned to undo
+            # the soft tokens and left the plain prompt's image in place on the toy model.
+            attacked = cond.with_hidden(self.adversarial_hidden(concept, soft.detach()))
+            prompts = attacked if cfg.erase_on == "attacked" else cond.cat(attacked)
         n = prompts.hidden.shape[0]
 
         # 4. eraser update
@@ -410,11 +437,7 @@ class Trainer(TrainingLoop):
 
     def restore(self, path: Path) -> None:
         tensors, meta = read_tensors(path)
-        saved = TrainConfig.from_dict(meta["config"])
-        for name in ("concepts", "rank", "adv_tokens"):
-            if getattr(saved, name) != getattr(self.config, name):
-                raise ValueError(f"checkpoint {path} was trained with {name}="
-                                 f"{getattr(saved, name)!r}, not {getattr(self.config, name)!r}")
+        self.check_resumable(path, meta["config"])
         for name, e in self.erasers.items():
             e.load_state_dict({k: tensors[f"erasers.{name}.{k}"] for k in e.state_dict()})
         restore_optimizer(self.optimizer, "optim", tensors, meta["optim"])

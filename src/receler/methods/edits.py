@@ -45,14 +45,18 @@ class EditConfig(EraserConfig):
         "help": "compute spent: trainable_parameters, unet_forward, unet_backward, seconds"})
 
 
-def save_unet_edit(unet: nn.Module, names: list[str], out_dir: Path, *, method: str) -> Path:
-    """Atomically write the current values of the parameters ``names`` of ``unet``."""
+def save_unet_edit(unet: nn.Module, names: list[str], out_dir: Path, *, method: str,
+                   values: dict[str, torch.Tensor] | None = None) -> Path:
+    """Atomically write the parameters ``names`` of ``unet``: their current values, or
+    ``values`` (e.g. a trainer's fp32 master weights) where given."""
     params = dict(unet.named_parameters())
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"the UNet has no parameter {missing[0]}")
+    values = values or {}
     path = Path(out_dir) / EDIT_FILE
-    save_tensors(path, {n: params[n] for n in names}, {"format": EDIT_FORMAT, "method": method})
+    save_tensors(path, {n: values.get(n, params[n]) for n in names},
+                 {"format": EDIT_FORMAT, "method": method})
     return path
 
 

@@ -108,19 +108,37 @@ class EsdTrainer(TrainingLoop):
         self.names = esd_parameter_names(self.unet, variant)
         params = dict(self.unet.named_parameters())
         self.params = [params[n] for n in self.names]
-        if any(p.dtype != torch.float32 for p in self.params):
-            logger.warning("ESD fine-tunes UNet weights in %s: small Adam updates are lost in "
-                           "half precision; load the pipeline with dtype=torch.float32",
-                           self.params[0].dtype)
+        # fp32 master weights: Adam steps fp32 copies, and the UNet's (possibly bf16/fp16)
+        # weights are set from them after every step. In bf16, an lr-1e-5 update of a
+        # weight of size ~0.05 is below half a unit in the last place and would be lost.
+        self.master = ([p.detach().float().clone() for p in self.params]
+                       if any(p.dtype != torch.float32 for p in self.params) else None)
         if config.lr > 1e-4:
             logger.warning("ESD with lr=%g: the paper fine-tunes with lr=1e-5", config.lr)
         # The frozen model: original values of the trained parameters only (see module doc).
         self.original = {n: p.detach().clone() for n, p in zip(self.names, self.params, strict=True)}
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
-        self.optimizer = torch.optim.Adam(self.params, lr=config.lr)
+        self.optimizer = torch.optim.Adam(self.master or self.params, lr=config.lr)
         self.sched = ddim_scheduler(pipe, config.ddim_steps)
         self.uncond = encode(pipe, [""])
         self.cond = {c: encode(pipe, [c]) for c in config.concepts}
+
+    def optimizer_step(self) -> None:
+        """Adam on the fp32 masters (when the UNet is not fp32), then the UNet's weights."""
+        if self.master is None:
+            return super().optimizer_step()
+        for p, m in zip(self.params, self.master, strict=True):
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master, strict=True):
+                p.copy_(m)
+
+    @property
+    def trained(self) -> list[torch.Tensor]:
+        """The trained weights at full precision (the masters when there are any)."""
+        return self.master or self.params
 
     @property
     def trainable_parameters(self) -> int:
@@ -147,7 +165,7 @@ class EsdTrainer(TrainingLoop):
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> Path:
-        tensors = {f"params.{n}": p for n, p in zip(self.names, self.params, strict=True)}
+        tensors = {f"params.{n}": p for n, p in zip(self.names, self.trained, strict=True)}
         opt_t, opt_meta = optimizer_tensors(self.optimizer, "optim")
         tensors.update(opt_t)
         loop_tensors, meta = self.loop_state()
@@ -163,16 +181,15 @@ class EsdTrainer(TrainingLoop):
         if meta.get("method") != self.variant:
             raise ValueError(f"checkpoint {path} belongs to method {meta.get('method', 'receler')!r}, "
                              f"not {self.variant!r}: resume it with that method")
-        saved = TrainConfig.from_dict(meta["config"])
-        if saved.concepts != self.config.concepts:
-            raise ValueError(f"checkpoint {path} was trained with concepts={saved.concepts!r}, "
-                             f"not {self.config.concepts!r}")
+        self.check_resumable(path, meta["config"])
         stored = sorted(k[len("params."):] for k in tensors if k.startswith("params."))
         if stored != sorted(self.names):
             raise ValueError(f"checkpoint {path} holds other parameters than this UNet's "
                              f"{self.variant} set: it was made for another UNet")
         for n, p in zip(self.names, self.params, strict=True):
             p.copy_(tensors[f"params.{n}"])
+        for n, m in zip(self.names, self.master or [], strict=False):
+            m.copy_(tensors[f"params.{n}"])
         restore_optimizer(self.optimizer, "optim", tensors, meta["optim"])
         self.restore_loop_state(tensors, meta)
 
@@ -190,7 +207,8 @@ class EsdTrainer(TrainingLoop):
         """Write ``unet_edit.safetensors``; the trained weights stay in ``pipe.unet`` with
         their originals remembered, so :func:`receler.methods.remove_edit` undoes them."""
         cfg = self.config
-        save_unet_edit(self.unet, self.names, self.out_dir, method=self.variant)
+        save_unet_edit(self.unet, self.names, self.out_dir, method=self.variant,
+                       values=dict(zip(self.names, self.trained, strict=True)))
         mark_unet_edit(self.unet, self.variant, self.original)
         return EditConfig(rank=0, concepts=list(cfg.concepts), base_model=self.base_model,
                           method=self.variant, train=cfg.to_dict(),
