@@ -24,16 +24,22 @@ EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from .config import TrainConfig
+    from .config import TrainConfig, model_erase_defaults
 
+    try:  # what the toy model recommends instead, to show beside the paper's defaults
+        from .pipeline import default_model
+        toy = model_erase_defaults(default_model(), "receler")
+    except (FileNotFoundError, ValueError):
+        toy = {}
     hints = get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         if f.name == "concepts":
             continue
         kind = hints[f.name]
         conv = {int: int, float: float, str: str}.get(kind, int if "int" in str(kind) else float)
+        note = f"; the toy model recommends {toy[f.name]}" if f.name in toy else ""
         p.add_argument("--" + f.name.replace("_", "-"), type=conv, default=None,
-                       help=f"{f.metadata['help']} (default: {f.default})")
+                       help=f"{f.metadata['help']} (default: {f.default}{note})")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -222,6 +228,26 @@ def _train_config(args, concepts: str | list[str], method: str = "receler", *,
                        **{**get_method(method).paper_defaults, **recommended, **given})
 
 
+def _note_unknown_toy_words(model: str | None, concepts: list[str]) -> None:
+    """On the toy model, say when a concept holds a word it has never seen: that trains, but
+    it erases nothing the model knows."""
+    import re
+
+    from .pipeline import default_model
+
+    if model is not None and Path(model).resolve() != Path(default_model()).resolve():
+        return
+    from .toyworld.vocab import CLASSES, STYLES, all_words
+
+    known = set(all_words())
+    for c in concepts:
+        unknown = [w for w in re.findall(r"[a-z]+", c.lower()) if w not in known]
+        if unknown:
+            print(f"note: the toy model has no word {unknown[0]!r} (in concept {c!r}), so this "
+                  f"erases nothing it knows; its classes are {', '.join(CLASSES)} and its "
+                  f"style {', '.join(STYLES)}", file=sys.stderr)
+
+
 def _method_options(pairs: list[str] | None) -> dict | None:
     if not pairs:
         return None
@@ -247,6 +273,7 @@ def cmd_erase(args, argv: list[str]) -> int:
     from .serialization import check_out_dir
 
     config = _train_config(args, args.concept, args.method)  # validates first
+    _note_unknown_toy_words(args.model, config.concepts)
     options = method_options(args.method, _method_options(args.method_option))
     check_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
 
@@ -542,6 +569,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"receler: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # a full or read-only disk, a folder that vanished, ...
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"receler: error: cannot write or read{where}: {e.strerror or e}; free space, "
+              "fix the permissions or choose another --out, then run again", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
         print("receler: aborted", file=sys.stderr)
         return EXIT_INTERRUPTED

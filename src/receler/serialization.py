@@ -122,8 +122,15 @@ def load_erasers(target, path: Path, *, replace: bool = False) -> EraserConfig:
             f"no {ERASERS_FILE} in {folder}: pass the --out folder of a finished `receler erase`")
     tensors, _ = read_tensors(weights)
     config = EraserConfig.load(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else None
-    rank = config.rank if config else next(v.shape[0] for k, v in tensors.items()
-                                           if k.endswith("down.weight"))
+    file_rank = next((v.shape[0] for k, v in tensors.items() if k.endswith("down.weight")), None)
+    if file_rank is None:
+        raise ValueError(f"{weights} holds no eraser weights: pass the --out folder of a "
+                         "finished `receler erase`")
+    if config is not None and config.rank != file_rank:
+        raise ValueError(f"{folder / CONFIG_FILE} says rank {config.rank} but {weights} holds "
+                         f"rank-{file_rank} erasers: the two files come from different runs; "
+                         "copy both from the same --out folder")
+    rank = file_rank
     expected = _expected_shapes(unet, rank)
     for key, shape in expected.items():
         if key not in tensors:
@@ -174,11 +181,73 @@ def restore_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict, me
 
 def check_out_dir(out_dir: Path, *, overwrite: bool, resume: bool) -> None:
     """Refuse to clobber a folder that already holds erasers or a checkpoint."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder: choose another --out")
     holds = [n for n in (ERASERS_FILE, CHECKPOINT_FILE) if (out_dir / n).exists()]
     if resume:
-        if not (out_dir / CHECKPOINT_FILE).is_file():
+        if not (work_dir(out_dir, overwrite=False, resume=True) / CHECKPOINT_FILE).is_file():
             raise FileNotFoundError(f"nothing to resume: {out_dir / CHECKPOINT_FILE} does not "
                                     "exist; drop --resume to start a new run")
     elif holds and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {holds[0]}: pass --overwrite to replace "
                               "it, --resume to continue it, or choose another --out")
+
+
+# ------------------------------------------------------------------ replacing a result
+# A run that replaces a finished result (``--overwrite``) writes into ``out_dir/.overwrite``
+# and moves its files into place only once they all exist; until then the old result stays
+# whole and loadable. The move takes the old config out first and puts the new one in last,
+# so a kill during the move leaves a folder without eraser_config.json, which nothing loads,
+# never one that mixes two runs. An interrupted replacing run resumes in its staging folder.
+STAGING_DIR = ".overwrite"
+RESULT_FILES = (CONFIG_FILE, ERASERS_FILE, "unet_edit.safetensors", CHECKPOINT_FILE,
+                "train_log.jsonl", "loss_curves.png", "masks")
+
+
+def _holds_result(out_dir: Path) -> bool:
+    return any((out_dir / n).exists() for n in RESULT_FILES)
+
+
+def work_dir(out_dir: Path, *, overwrite: bool, resume: bool) -> Path:
+    """Where a run writes: ``out_dir``, or its staging folder when the run replaces a result
+    (``overwrite``) or resumes a replacing run that was interrupted."""
+    out_dir = Path(out_dir)
+    staging = out_dir / STAGING_DIR
+    if resume:
+        return staging if (staging / CHECKPOINT_FILE).is_file() else out_dir
+    if overwrite and _holds_result(out_dir):
+        return staging
+    return out_dir
+
+
+def start_work_dir(out_dir: Path, work: Path) -> None:
+    """Make ``work`` ready for a new run (an old staging folder is cleared)."""
+    import shutil
+
+    if work != Path(out_dir) and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+
+
+def commit_work_dir(out_dir: Path, work: Path) -> None:
+    """Move a finished replacing run from ``work`` into ``out_dir`` (no-op when they agree)."""
+    import shutil
+
+    out_dir, work = Path(out_dir), Path(work)
+    if work == out_dir:
+        return
+    replaced = out_dir / ".replaced"
+    if replaced.exists():
+        shutil.rmtree(replaced)
+    replaced.mkdir()
+    old = [n for n in RESULT_FILES if (out_dir / n).exists()]  # config first
+    for name in old:
+        os.replace(out_dir / name, replaced / name)
+    new = sorted((p.name for p in work.iterdir()), key=lambda n: n == CONFIG_FILE)  # config last
+    for name in new:
+        if (out_dir / name).exists():
+            shutil.rmtree(out_dir / name) if (out_dir / name).is_dir() else (out_dir / name).unlink()
+        os.replace(work / name, out_dir / name)
+    shutil.rmtree(replaced)
+    shutil.rmtree(work)

@@ -61,12 +61,15 @@ from .pipeline import (
 from .serialization import (
     CHECKPOINT_FILE,
     check_out_dir,
+    commit_work_dir,
     eraser_state,
     optimizer_tensors,
     read_tensors,
     restore_optimizer,
     save_erasers,
     save_tensors,
+    start_work_dir,
+    work_dir,
 )
 from .viz import MaskPictures, loss_curves
 
@@ -286,9 +289,14 @@ class TrainingLoop:
             bar.close()
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-        self.checkpoint()
+        result = self.finish()  # what the user needs first: on a full disk it still lands
+        try:
+            self.checkpoint()
+        except OSError as e:
+            logger.warning("the final checkpoint was not written (%s); the result is saved in "
+                           "%s", e, self.out_dir)
         loss_curves(log_path, self.out_dir / "loss_curves.png")
-        return self.finish()
+        return result
 
 
 class Trainer(TrainingLoop):
@@ -333,10 +341,17 @@ class Trainer(TrainingLoop):
         self.tokens = {c: concept_token_indices(pipe.tokenizer, c) for c in self.concepts}
         max_len = self.uncond.hidden.shape[1]
         for c, idx in self.tokens.items():
+            shown = c if len(c) <= 40 else c[:37] + "..."
+            if idx[-1] + 1 >= max_len:  # BOS + the concept + EOS must fit the prompt
+                raise ValueError(f"concept {shown!r} has {len(idx)} tokens, more than the "
+                                 f"model's {max_len}-token prompt holds with its start and end "
+                                 "tokens: shorten the concept")
             if config.adv_steps and idx[-1] + 1 + config.adv_tokens > max_len:
-                raise ValueError(f"concept {c!r} has {len(idx)} tokens: with {config.adv_tokens} "
-                                 f"adversarial tokens it exceeds the {max_len}-token prompt; "
-                                 "lower --adv-tokens")
+                room = max_len - idx[-1] - 1
+                raise ValueError(f"concept {shown!r} has {len(idx)} tokens: with "
+                                 f"{config.adv_tokens} adversarial tokens it exceeds the "
+                                 f"{max_len}-token prompt; pass --adv-tokens {room} or fewer, "
+                                 "or shorten the concept")
         # One soft prompt per concept, initialised to the embedding it replaces (no change),
         # or, as the paper's code does, to U[0,1) noise.
         self.adv = {}
@@ -490,7 +505,11 @@ def erase(pipe, config: TrainConfig, out_dir: str | Path, *, base_model: str = "
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite=overwrite, resume=resume)
-    if overwrite and not resume:  # an old checkpoint would be resumed by mistake later;
-        (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # old erasers stay until replaced
-    trainer = Trainer(pipe, config, out_dir, base_model=base_model, **kwargs)
-    return trainer.train(resume=resume)
+    # Replacing a result: train elsewhere, move in once finished (serialization.work_dir).
+    work = work_dir(out_dir, overwrite=overwrite, resume=resume)
+    trainer = Trainer(pipe, config, work, base_model=base_model, **kwargs)  # checks inputs
+    if not resume:
+        start_work_dir(out_dir, work)
+    result = trainer.train(resume=resume)
+    commit_work_dir(out_dir, work)
+    return result

@@ -29,7 +29,10 @@ from ..serialization import (
     ERASERS_FILE,
     atomic_write,
     check_out_dir,
+    commit_work_dir,
     load_erasers,
+    start_work_dir,
+    work_dir,
 )
 from ..train import Trainer
 from .edits import (
@@ -172,8 +175,7 @@ def _check_folder(method: Method, out_dir: Path, *, overwrite: bool, resume: boo
     if holds and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {holds[0]}: pass --overwrite to replace "
                               "it, --resume to continue it, or choose another --out")
-    if overwrite:  # an old checkpoint would be resumed by mistake later
-        (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    check_out_dir(out_dir, overwrite=overwrite, resume=False)  # e.g. --out is a file
 
 
 def _write_config(out_dir: Path, config: EditConfig) -> None:
@@ -211,13 +213,17 @@ def erase_with(name: str, pipe, config: TrainConfig, out_dir: str | Path, *,
         raise ValueError("this pipeline already holds an edit: remove_edit(pipe) first, or load "
                          "a fresh pipeline")
     _check_folder(method, out_dir, overwrite=overwrite, resume=resume)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # A run that replaces a result writes elsewhere and moves in once finished (see
+    # serialization.work_dir): the old result stays whole until then.
+    final_dir, out_dir = out_dir, work_dir(out_dir, overwrite=overwrite, resume=resume)
     common = dict(concepts=list(config.concepts), base_model=base_model, method=name,
                   train=config.to_dict(), options=asdict(opts) if opts is not None else {})
     start = time.perf_counter()
     if method.uses_erasers:
         trainer = Trainer(pipe, config, out_dir, base_model=base_model, callbacks=callbacks,
-                          show_progress=show_progress)
+                          show_progress=show_progress)  # checks every input first
+        if not resume:
+            start_work_dir(final_dir, out_dir)
         saved = trainer.train(resume=resume)
         result = EditConfig(**{**common, "rank": saved.rank, "layers": saved.layers}, stats={
             "trainable_parameters": sum(p.numel() for p in trainer.optimizer.param_groups[0]["params"]),
@@ -226,9 +232,12 @@ def erase_with(name: str, pipe, config: TrainConfig, out_dir: str | Path, *,
     elif name.startswith("esd-"):
         trainer = EsdTrainer(pipe, config, out_dir, variant=name, base_model=base_model,
                              callbacks=callbacks, show_progress=show_progress)
+        if not resume:
+            start_work_dir(final_dir, out_dir)
         result = trainer.train(resume=resume)
     elif name == "uce":
         edited = uce_weights(pipe, list(config.concepts), opts)
+        start_work_dir(final_dir, out_dir)
         apply_unet_edit(unet, edited, method=name)
         save_unet_edit(unet, list(edited), out_dir, method=name)
         result = EditConfig(**common, rank=0, stats={
@@ -236,11 +245,13 @@ def erase_with(name: str, pipe, config: TrainConfig, out_dir: str | Path, *,
             "unet_backward": 0, "seconds": time.perf_counter() - start})
     else:  # sld: "training" is saving its settings
         attach_sld(pipe, list(config.concepts), opts)
+        start_work_dir(final_dir, out_dir)
         result = EditConfig(**common, rank=0, stats={
             "trainable_parameters": 0, "unet_forward": 0, "unet_backward": 0, "seconds": 0.0})
     _write_config(out_dir, result)
     for stale in {ERASERS_FILE, EDIT_FILE} - set(method.files):  # another method's weights
         (out_dir / stale).unlink(missing_ok=True)
+    commit_work_dir(final_dir, out_dir)
     return result
 
 
