@@ -277,8 +277,8 @@ def cmd_erase(args, argv: list[str]) -> int:
     options = method_options(args.method, _method_options(args.method_option))
     check_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
 
-    from .pipeline import default_model  # heavy imports after the checks
-    from .train import TrainingDiverged, TrainingInterrupted
+    from .loop import TrainingDiverged, TrainingInterrupted  # heavy imports after the checks
+    from .pipeline import default_model
 
     model = args.model or default_model()
     pipe = _load(args, model)

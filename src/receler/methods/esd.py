@@ -34,6 +34,10 @@ from torch.func import functional_call
 
 from ..config import TrainConfig
 from ..erasers import get_erasers
+from ..loop import (
+    IterationResult,
+    TrainingLoop,
+)
 from ..objective import erase_loss, erase_target
 from ..pipeline import ddim_scheduler, encode, latent_shape, unet_eps
 from ..serialization import (
@@ -42,10 +46,6 @@ from ..serialization import (
     read_tensors,
     restore_optimizer,
     save_tensors,
-)
-from ..train import (
-    IterationResult,
-    TrainingLoop,
 )
 from .edits import EditConfig, mark_unet_edit, save_unet_edit
 
