@@ -156,3 +156,67 @@ def test_erase_help_shows_the_toy_recommendation(capsys):
         main(["erase", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: 128; the toy model recommends 32)" in out
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--guidance", "nan"], "guidance must be a finite number"),
+    (["--guidance", "inf"], "guidance must be a finite number"),
+    (["--guidance", "-1"], "guidance must be a finite number >= 0"),
+    (["--steps", "0"], "steps must be at least 1"),
+    (["--steps", "-3"], "steps must be at least 1"),
+    (["--batch-size", "0"], "batch size must be a whole number of at least 1"),
+    (["--batch-size", "-2"], "batch size must be a whole number of at least 1"),
+])  # fmt: skip
+def test_generate_refuses_bad_sampling_values(tiny_model_dir, tmp_path, capsys, flags, match):
+    rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "a photo of a car",
+               "--num-images", "1", "--out", str(tmp_path / "imgs"), *flags])
+    assert rc == 2 and match in one_error_line(capsys)
+    assert not (tmp_path / "imgs").exists()
+
+
+@pytest.mark.parametrize("cells, match", [
+    ("nan,16,16", "guidance must be a finite number"),
+    ("3.0,-16,16", "must be a positive number of pixels"),
+])  # fmt: skip
+def test_prompt_file_rows_with_bad_values(tiny_model_dir, tmp_path, capsys, cells, match):
+    csv = tmp_path / "p.csv"
+    csv.write_text("case_number,prompt,evaluation_seed,evaluation_guidance,sd_image_height,"
+                   f"sd_image_width\n0,a photo of a car,1,{cells}\n")
+    rc = main(["generate", "--model", str(tiny_model_dir), "--prompts", str(csv), "--out",
+               str(tmp_path / "imgs"), "--device", "cpu"])
+    line = one_error_line(capsys)
+    assert rc == 2 and match in line and "case_number 0" in line
+    assert not list((tmp_path / "imgs").glob("*.png"))  # nothing written
+
+
+def test_binary_prompt_file(tmp_path):
+    from receler.eval.prompts import read_prompts
+
+    (tmp_path / "b.csv").write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match="not UTF-8 text.*UTF-8"):
+        read_prompts(tmp_path / "b.csv")
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"erase": {"receler": {"rank": "32"}}}', "rank='32'.*not an int"),
+    ('{"erase": {"receler": {"rank": 32.5}}}', "rank=32.5.*not an int"),
+    ('[1, 2]', "must hold a JSON object, not a list"),
+    ('{"erase": {"receler": {"start_guidance": "high"}}}', "not a float"),
+    ('{"erase": ', "cannot read"),
+    ('{"guidance_scale": "x"}', "guidance must be a finite number"),
+])  # fmt: skip
+def test_bad_model_defaults_name_the_file(tmp_path, content, match):
+    from receler.config import model_erase_defaults
+    from receler.sampling import SamplerSettings
+
+    (tmp_path / "receler_defaults.json").write_text(content)
+    with pytest.raises(ValueError, match=match) as e:
+        model_erase_defaults(tmp_path, "receler")
+        SamplerSettings.for_model(tmp_path)
+    assert "receler_defaults.json" in str(e.value)
+
+
+def test_malformed_model_index_names_the_file(tmp_path):
+    (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"cannot read .*model_index.json"):
+        load_pipeline(str(tmp_path), device="cpu")

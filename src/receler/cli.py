@@ -303,9 +303,11 @@ def cmd_erase(args, argv: list[str]) -> int:
 def _load_for_generation(args, device=None):
     from .methods import load_edit
     from .pipeline import default_model
+    from .sampling import check_batch_size
 
     model = args.model or default_model()
     _sampler_settings(args, model)  # bad flags fail before the model loads
+    check_batch_size(args.batch_size)
     pipe = _load(args, model, device)
     if args.erasers is not None:
         load_edit(pipe, args.erasers)

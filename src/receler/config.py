@@ -92,17 +92,40 @@ def model_erase_defaults(model: str | Path | None, method: str) -> dict[str, Any
     path = Path(model) / MODEL_DEFAULTS_FILE if model else None
     if path is None or not path.is_file():
         return {}
-    try:
-        section = json.loads(path.read_text()).get("erase", {})
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}; fix or delete the file") from None
+    data = read_json_object(path)
+    section = data.get("erase", {})
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: \"erase\" must be an object of per-method settings, got "
+                         f"{type(section).__name__}; fix or delete the file")
     settings = section.get(method, section.get(method.split("-")[0], {}))
-    known = {f.name for f in fields(TrainConfig)} - {"concepts"}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"{path} recommends unknown training setting {unknown[0]!r} for "
-                         f"{method}; known settings are the flags of `receler erase`")
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: the {method} settings must be an object, got "
+                         f"{type(settings).__name__}; fix or delete the file")
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    for key, value in settings.items():
+        if key not in kinds or key == "concepts":
+            raise ValueError(f"{path} recommends unknown training setting {key!r} for "
+                             f"{method}; known settings are the flags of `receler erase`")
+        kind = kinds[key].split(" | ")[0]
+        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, int | float) and not isinstance(value, bool),
+              "str": isinstance(value, str)}.get(kind, True)
+        if not ok:
+            raise ValueError(f"{path} recommends {key}={value!r} for {method}, which is not "
+                             f"a{'n' if kind == 'int' else ''} {kind}; fix or delete the file")
     return dict(settings)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object, with one-line errors that name the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}; fix or delete the file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(data).__name__}; fix or "
+                         "delete the file")
+    return data
 
 
 @dataclass

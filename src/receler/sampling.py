@@ -25,7 +25,7 @@ width=512, row_settings=False)``.
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -70,8 +70,12 @@ class SamplerSettings:
         if self.seeding not in SEEDINGS:
             raise ValueError(f"unknown seeding {self.seeding!r}: choose one of "
                              f"{', '.join(SEEDINGS)}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps!r} (a whole number)")
+        if (isinstance(self.guidance, bool) or not isinstance(self.guidance, int | float)
+                or not math.isfinite(self.guidance) or self.guidance < 0):
+            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance!r} "
+                             "(7.5 is the paper's)")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -84,10 +88,15 @@ class SamplerSettings:
         path = Path(model_path) / MODEL_DEFAULTS_FILE if model_path else None
         if path is None or not path.is_file():
             return cls()
-        d = json.loads(path.read_text())
-        return cls(steps=d.get("num_inference_steps", cls.steps),
-                   guidance=d.get("guidance_scale", cls.guidance),
-                   height=d.get("height"), width=d.get("width"))
+        from .config import read_json_object
+
+        d = read_json_object(path)
+        try:
+            return cls(steps=d.get("num_inference_steps", cls.steps),
+                       guidance=d.get("guidance_scale", cls.guidance),
+                       height=d.get("height"), width=d.get("width"))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}; fix or delete the file") from None
 
 
 # The paper's evaluation sampler, as the Receler reference's test_receler.py runs it.
@@ -158,6 +167,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *,
         batch_size: images per pipeline call.
         progress: optional callable ``progress(n)`` told how many images were done.
     """
+    check_batch_size(batch_size)
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
     settings = settings or SamplerSettings()
@@ -223,6 +233,15 @@ def generate_prompt_file(pipe, rows: Sequence, out_dir: Path, *, num_images: int
         The paths written by this call.
     """
     settings = settings or SamplerSettings()
+    check_batch_size(batch_size)
+    if settings.row_settings:  # the rows' own guidance and sizes, checked before any image
+        for row in rows:
+            try:
+                replace(settings, height=row.height, width=row.width,
+                        guidance=settings.guidance if row.guidance is None else row.guidance)
+            except ValueError as e:
+                raise ValueError(f"prompt row with case_number {row.case_number}: {e}; fix "
+                                 "the row, or pass --no-row-settings") from None
     use_scheduler(pipe, settings.scheduler)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -256,3 +275,9 @@ def generate_prompt_file(pipe, rows: Sequence, out_dir: Path, *, num_images: int
             bar.update(len(batch))
     bar.close()
     return written
+
+
+def check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be a whole number of at least 1, got {batch_size!r}: "
+                         "pass --batch-size 1 or more")

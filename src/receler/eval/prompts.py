@@ -13,6 +13,7 @@ dropped. Images generated from a row are named ``{case_number}_{index}.png``.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -101,7 +102,15 @@ def read_prompts(path: str | Path) -> list[PromptRow]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Prompt file {path} does not exist; pass the path of a CSV file.")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"Prompt file {path} is not UTF-8 text (byte {e.start} cannot be "
+                         "decoded); pass a CSV file saved as UTF-8.") from None
+    if "\0" in text:
+        raise ValueError(f"Prompt file {path} holds NUL bytes, so it is not a CSV file; pass "
+                         "a CSV file of prompts.")
+    with io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)
         columns = [c.strip() if c is not None else "" for c in (reader.fieldnames or [])]
         reader.fieldnames = columns
