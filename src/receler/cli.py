@@ -109,7 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--attack-steps", type=int, default=100, help="soft-prompt attack steps")
     _add_preset_flag(r)
     _add_train_flags(r)
+
+    b = sub.add_parser("leaderboard", help="protocol runs side by side: table, JSON, picture")
+    b.add_argument("runs", nargs="+", type=Path, help="--out folders of `receler protocol` runs")
+    b.add_argument("--out", required=True, type=Path, help="folder for leaderboard.json/.md/.png")
+    b.add_argument("--label", action="append", help="a name per run (default: its method)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing leaderboard")
     return parser
+
+
+def cmd_leaderboard(args) -> int:
+    from .leaderboard import build, to_markdown, write
+
+    board = build(args.runs, args.label)
+    written = write(board, args.out, overwrite=args.overwrite)
+    print(to_markdown(board))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
 
 
 def _train_config(args, concepts: str | list[str], method: str = "receler", *,
@@ -287,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "erase":
             return cmd_erase(args, argv)
         commands = {"generate": cmd_generate, "evaluate": cmd_evaluate, "attack": cmd_attack,
-                    "protocol": cmd_protocol}
+                    "protocol": cmd_protocol, "leaderboard": cmd_leaderboard}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"receler: error: {e}", file=sys.stderr)
