@@ -220,3 +220,18 @@ def test_malformed_model_index_names_the_file(tmp_path):
     (tmp_path / "model_index.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"cannot read .*model_index.json"):
         load_pipeline(str(tmp_path), device="cpu")
+
+
+def test_threads_flag(tiny_model_dir, tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "a photo of a car",
+                     "--num-images", "1", "--out", str(tmp_path / "i"), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--out",
+                     str(tmp_path / "j"), "--threads", "0"]) == 2
+        assert "--threads must be at least 1" in one_error_line(capsys)
+    finally:
+        torch.set_num_threads(before)

@@ -300,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be at least 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         if args.command == "erase":
             return cmd_erase(args, argv)
         commands = {"generate": cmd_generate, "evaluate": cmd_evaluate, "attack": cmd_attack,

@@ -15,6 +15,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="precision of the loaded model (default: bf16 on CUDA, fp32 on the CPU); "
                         "trained weights keep fp32 master copies whatever this is")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, or OMP_NUM_THREADS)")
 
 
 def _load(args, model: str, device=None):
