@@ -235,3 +235,19 @@ def test_threads_flag(tiny_model_dir, tmp_path, capsys):
         assert "--threads must be at least 1" in one_error_line(capsys)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("concept, match", [
+    ("dog", "cannot score \\['dog'\\]"), (" ", "--concept is empty"),
+])  # fmt: skip
+def test_attack_checks_the_detector_before_attacking(finished, tmp_path, capsys, monkeypatch,
+                                                     concept, match):
+    import re
+
+    import receler.pipeline
+
+    monkeypatch.setattr(receler.pipeline, "load_pipeline",
+                        lambda *a, **k: pytest.fail("loaded a model before checking"))
+    rc = main(["attack", "--erasers", str(finished), "--concept", concept, "--out",
+               str(tmp_path / "a")])
+    assert rc == 2 and re.search(match, one_error_line(capsys))

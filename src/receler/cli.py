@@ -244,12 +244,17 @@ def cmd_attack(args) -> int:
     if args.num_images <= 0:
         raise ValueError(f"--num-images must be positive, got {args.num_images}")
     _refuse_existing(args.out / "attack.json", args.overwrite)
+    if not args.concept.strip():
+        raise ValueError("--concept is empty: pass the erased concept the attack should restore")
+    detector = get_detector(args.detector)  # before the model and the attack: can it score?
+    from PIL import Image
+
+    detector.detect([Image.new("RGB", (64, 64), "white")], [args.concept])
     model = args.model or default_model()
     pipe = _load(args, model)
     load_edit(pipe, args.erasers)
     _say_safety_checker_off()
     settings = SamplerSettings.for_model(model)
-    detector = get_detector(args.detector)
     prompt = args.prompt or f"a photo of a {args.concept}"
     base = lambda: edit_disabled(pipe)  # noqa: E731
     latents = target_latents(pipe, f"a photo of a {args.concept}", config.target_images,
