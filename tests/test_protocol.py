@@ -17,7 +17,7 @@ def test_protocol_runs_every_stage_and_writes_results(tiny_model_dir, prompt_set
                                                       tmp_path):
     cfg = ProtocolConfig(
         concept="car", out=tmp_path / "run", model=str(tiny_model_dir), detector="colour",
-        per_class=2, concept_rows=2, attack_images=2, prompts=prompt_sets,
+        per_class=2, concept_rows=2, attack_images=2, attack_prompts=3, prompts=prompt_sets,
         train=TrainConfig(concepts="car", iterations=3, ddim_steps=4, adv_steps=1, adv_tokens=4,
                           rank=4, mask_image_every=1),
         attack=AttackConfig(tokens=2, steps=3, sweeps=1, candidates=3, target_images=2,
@@ -30,6 +30,17 @@ def test_protocol_runs_every_stage_and_writes_results(tiny_model_dir, prompt_set
     for key in ("acc_e", "acc_r", "acc_l", "h", "attack_success_soft"):
         assert 0.0 <= saved["base"][key] <= 1.0
     assert saved["seconds"]["erase"] > 0 and saved["seconds"]["generate"] > 0
+    # 3 soft attacks × 2 images, pooled, at 3 steps and at 9, erased and base model alike
+    for side in (saved, saved["base"]):
+        for suffix in ("", "_3x"):
+            assert side[f"attack_n{suffix}"] == 6
+            lo, hi = side[f"attack_ci{suffix}"]
+            assert lo <= side[f"attack_success_soft{suffix}"] <= hi
+    attacks = saved["attack"]["soft_attacks"]
+    assert [a["prompt"] for a in attacks] == ["a photo of a car", "a red picture", "the blue"]
+    assert sorted(attacks[0]["steps"]) == ["3", "9"] and len({a["seed"] for a in attacks}) == 3
+    hits = sum(a["steps"]["3"]["successes"] for a in attacks)
+    assert saved["attack_success_soft"] == hits / 6
     assert results["rows"] == {"simple": 6, "paraphrase": 2, "two_object": 1}
     assert len(list((tmp_path / "run" / "images" / "erased" / "simple").glob("*.png"))) == 6
     report = (tmp_path / "run" / "report" / "report.md").read_text()
@@ -42,6 +53,11 @@ def test_protocol_runs_every_stage_and_writes_results(tiny_model_dir, prompt_set
     Protocol(cfg, show_progress=False).run()
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "images").rglob("*.png")}
     assert before == after
+
+    # The base model's cached attack is keyed by every attack setting (K, seeds, budgets).
+    key = json.loads((tmp_path / "run" / "images" / "base" / "attack.json").read_text())["key"]
+    assert key["plan"] == [[a["prompt"], a["seed"]] for a in attacks]
+    assert len(key["plan"]) == 3 and key["budgets"] == [3, 9]
 
     # Other settings in the same folder would report the old erasers' numbers: refused.
     changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, iterations=4))

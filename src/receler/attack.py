@@ -107,20 +107,51 @@ def soft_prompt_attack(pipe, prompt: str, latents: torch.Tensor, config: AttackC
     Returns:
         The attacked prompt embedding ``(1, T, D)`` and the loss per step.
     """
+    hidden, losses = soft_attack_trajectory(pipe, prompt, latents, config, [config.steps],
+                                            show_progress=show_progress)
+    return hidden[config.steps], losses
+
+
+def soft_attack_trajectory(pipe, prompt: str, latents: torch.Tensor, config: AttackConfig,
+                           checkpoints: list[int], *, show_progress: bool = False
+                           ) -> tuple[dict[int, torch.Tensor], list[float]]:
+    """One soft-prompt attack run to ``max(checkpoints)`` steps (``config.steps`` is not
+    read), keeping the attacked embedding after each checkpoint's number of steps.
+
+    Adam has no schedule, so the embedding after ``s`` steps of a longer run is the one a
+    run of ``s`` steps would return: one run measures every budget of a curve. Step 0 is the
+    prompt itself (the soft tokens start as the embeddings they replace).
+
+    Returns:
+        ``{steps: attacked prompt embedding (1, T, D)}`` and the loss per step.
+    """
+    if not checkpoints or min(checkpoints) < 0:
+        raise ValueError(f"checkpoints must be attack step counts >= 0, got {checkpoints}")
     cond = encode(pipe, [prompt])
     start = len(pipe.tokenizer(prompt)["input_ids"]) - 1  # replace EOS and padding
+    if start + config.tokens > cond.hidden.shape[1]:
+        raise ValueError(f"{config.tokens} attack tokens do not fit after {prompt!r} in "
+                         f"{cond.hidden.shape[1]} positions: use fewer tokens")
     soft = cond.hidden[0, start:start + config.tokens].float().clone().requires_grad_(True)
     opt = torch.optim.Adam([soft], lr=config.lr)
     loss_fn = DenoisingLoss(pipe, latents, config.noise_draws, config.seed)
-    losses = []
-    for _ in tqdm(range(config.steps), desc="soft attack", disable=not show_progress):
+    losses, kept = [], {}
+
+    def keep(step: int) -> None:
+        if step in checkpoints:
+            with torch.no_grad():
+                kept[step] = insert_soft_tokens(cond.hidden, soft, start)
+
+    keep(0)
+    for step in tqdm(range(1, max(checkpoints) + 1), desc="soft attack",
+                     disable=not show_progress):
         loss = loss_fn(cond.with_hidden(insert_soft_tokens(cond.hidden, soft, start)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    with torch.no_grad():
-        return insert_soft_tokens(cond.hidden, soft, start), losses
+        keep(step)
+    return kept, losses
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from .attack import (
     soft_prompt_attack,
     target_latents,
 )
+from .attack_suite import attack_plan, soft_attack_suite, suite_key
 from .config import TrainConfig
 from .eval.detectors import evaluate_folder, evaluate_images, get_detector
 from .eval.metrics import (
@@ -72,7 +73,9 @@ class ProtocolConfig:
     per_class: int = 10  # simple-prompt rows per class
     concept_rows: int = 30  # paraphrase / style rows of the erased concept
     two_object_rows: int = 18  # two-object rows pairing the concept with another class
-    attack_images: int = 10  # images generated per attacked prompt
+    attack_images: int = 10  # images generated per attacked prompt (per soft attack)
+    attack_prompts: int = 5  # independent soft attacks (own prompt and seed each), pooled
+    attack_stronger: int = 3  # the stronger attacker runs attack.steps × this many steps
     attack_prompt: str | None = None  # prompt the attacks start from (default: a simple one)
     device: str | None = None
     dtype: str | None = None  # fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on the CPU)
@@ -87,7 +90,8 @@ class ProtocolConfig:
         if self.train.concepts != [self.concept]:
             raise ValueError(f"the protocol erases one concept; got train concepts "
                              f"{self.train.concepts} for concept {self.concept!r}")
-        for name in ("per_class", "concept_rows", "attack_images"):
+        for name in ("per_class", "concept_rows", "attack_images", "attack_prompts",
+                     "attack_stronger"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -166,20 +170,40 @@ class Protocol:
         return next(r.prompt for r in self.rows["simple"] if r.class_name == self.cfg.concept)
 
     def attack(self, pipe, which: str, latents) -> dict:
-        """Attack results; the base model's are cached beside its images and reused."""
-        prompt = self.cfg.attack_prompt or self.concept_prompt()
-        key = {"prompt": prompt, "attack": asdict(self.cfg.attack), "n": self.cfg.attack_images,
-               "detector": self.cfg.detector}
+        """Attack results; the base model's are cached beside its images and reused.
+
+        The plain prompt and the token attack start from one prompt; the soft-prompt attack
+        is ``attack_prompts`` independent attacks of ``attack_images`` images each, at
+        ``attack.steps`` and at ``attack_stronger`` times as many steps, pooled."""
+        cfg = self.cfg
+        prompt = cfg.attack_prompt or self.concept_prompt()
+        plan = attack_plan(self.rows, cfg.concept, cfg.attack_prompts, first=prompt,
+                           seed=cfg.attack.seed)
+        budgets = [cfg.attack.steps, cfg.attack.steps * cfg.attack_stronger]
+        key = {"prompt": prompt, "attack": asdict(cfg.attack), "n": cfg.attack_images,
+               "detector": cfg.detector, "plan": [list(p) for p in plan], "budgets": budgets}
         cache = self.folder("base") / "attack.json"
         if which == "base" and cache.is_file():
             cached = json.loads(cache.read_text())
             if cached["key"] == key:
                 return cached["result"]
-        grid = (self.folder("base") if which == "base" else self.cfg.out / "attack") / f"{which}.png"
-        result = measure_attacks(pipe, self.cfg.concept, prompt, latents, self.detector,
-                                 self.settings, self.cfg.attack, n_images=self.cfg.attack_images,
-                                 grid_path=grid, show_progress=self.show_progress)
-        result["grid"] = str(grid)
+        root = self.folder("base") if which == "base" else cfg.out / "attack"
+        grid = root / f"{which}.png"
+        result = measure_attacks(pipe, cfg.concept, prompt, latents, self.detector,
+                                 self.settings, cfg.attack, n_images=cfg.attack_images,
+                                 grid_path=grid, show_progress=self.show_progress, soft=False)
+        suite = soft_attack_suite(
+            pipe, cfg.concept, plan, latents, self.detector, self.settings, cfg.attack,
+            checkpoints=budgets, n_images=cfg.attack_images,
+            key=suite_key(which, cfg.detector, self.concept_prompt(), self.settings),
+            cache_dir=root / ("soft_attacks" if which == "base" else "soft"),
+            show_progress=self.show_progress)
+        for suffix, steps in (("", budgets[0]), ("_3x", budgets[1])):
+            rate = suite["pooled"][str(steps)]
+            result.update({f"success_soft{suffix}": rate["rate"], f"soft_n{suffix}": rate["total"],
+                           f"soft_ci{suffix}": [rate["low"], rate["high"]],
+                           f"soft_steps{suffix}": steps})
+        result.update(soft_attacks=suite["attacks"], grid=str(grid))
         if which == "base":
             cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
         return result
@@ -273,36 +297,43 @@ def summarise(metrics: dict, attack: dict) -> dict:
             "h": metrics["h"], "two_object_locality": metrics.get("two_object_locality"),
             "attack_success_plain": attack["success_plain"],
             "attack_success_soft": attack["success_soft"],
+            "attack_n": attack.get("soft_n"), "attack_ci": attack.get("soft_ci"),
+            "attack_success_soft_3x": attack.get("success_soft_3x"),
+            "attack_n_3x": attack.get("soft_n_3x"), "attack_ci_3x": attack.get("soft_ci_3x"),
             "attack_success_discrete": attack["success_discrete"],
             "metrics": metrics, "attack": attack}
 
 
 def measure_attacks(pipe, concept: str, prompt: str, latents, detector, settings: SamplerSettings,
                     config: AttackConfig, *, n_images: int, grid_path: Path | None = None,
-                    show_progress: bool = False) -> dict:
+                    show_progress: bool = False, soft: bool = True) -> dict:
     """Run both attacks from ``prompt`` and measure how often ``concept`` is detected in the
-    images of the plain prompt, the soft-prompt attack and the token attack."""
+    images of the plain prompt, the soft-prompt attack (unless ``soft`` is false: the
+    protocol measures it with :func:`receler.attack_suite.soft_attack_suite`) and the token
+    attack."""
     seeds = list(range(1000, 1000 + n_images))
-    plain = generate(pipe, [prompt] * n_images, seeds, settings=settings)
-    hidden, soft_losses = soft_prompt_attack(pipe, prompt, latents, config,
-                                             show_progress=show_progress)
-    soft = generate_from_embedding(pipe, hidden, seeds, settings)
+    sets = {"plain": generate(pipe, [prompt] * n_images, seeds, settings=settings)}
+    soft_losses = [None]
+    if soft:
+        hidden, soft_losses = soft_prompt_attack(pipe, prompt, latents, config,
+                                                 show_progress=show_progress)
+        sets["soft"] = generate_from_embedding(pipe, hidden, seeds, settings)
     text, token_losses = discrete_token_attack(pipe, prompt, latents, config,
                                                show_progress=show_progress)
-    discrete = generate(pipe, [text] * n_images, seeds, settings=settings)
+    sets["discrete"] = generate(pipe, [text] * n_images, seeds, settings=settings)
     row = PromptRow(case_number=0, prompt=prompt, evaluation_seed=0)
     rates = {}
-    for name, images in (("plain", plain), ("soft", soft), ("discrete", discrete)):
+    for name, images in sets.items():
         recs = evaluate_images([(row, i, im) for i, im in enumerate(images)], detector,
                                labels_for=lambda _: [concept])
         rates[name] = detection_rate(recs, concept).rate
     if grid_path is not None:
         grid_path.parent.mkdir(parents=True, exist_ok=True)
         n = min(6, n_images)
-        image_grid(plain[:n] + soft[:n] + discrete[:n], cols=n,
-                   scale=max(1, 96 // plain[0].size[0]),
-                   row_labels=["plain", "soft", "tokens"]).save(grid_path)
+        image_grid([im for images in sets.values() for im in images[:n]], cols=n,
+                   scale=max(1, 96 // sets["plain"][0].size[0]),
+                   row_labels=[{"discrete": "tokens"}.get(k, k) for k in sets]).save(grid_path)
     return {"prompt": prompt, "discrete_prompt": text, "success_plain": rates["plain"],
-            "success_soft": rates["soft"], "success_discrete": rates["discrete"],
+            "success_soft": rates.get("soft"), "success_discrete": rates["discrete"],
             "soft_loss": [soft_losses[0], soft_losses[-1]],
             "discrete_loss": [token_losses[0], token_losses[-1]]}

@@ -34,6 +34,22 @@ def metrics_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def soft_attack_line(results: dict) -> str | None:
+    """The pooled soft-prompt attack with its count and Wilson interval, base and erased."""
+    parts = []
+    for name, r in (("base", results["base"]), (results["method"], results)):
+        a = r.get("attack") or {}
+        if r.get("attack_n") is None:
+            continue
+        k = len(a.get("soft_attacks", []))
+        cells = [f"{_pct(r[f'attack_success_soft{s}'])} [{100 * r[f'attack_ci{s}'][0]:.1f}, "
+                 f"{100 * r[f'attack_ci{s}'][1]:.1f}] at {a.get(f'soft_steps{s}')} steps"
+                 for s in ("", "_3x") if r.get(f"attack_ci{s}")]
+        parts.append(f"* {name}: {'; '.join(cells)} (n = {r['attack_n']} images from {k} "
+                     "attacks, 95% Wilson intervals)")
+    return "\n".join(parts) or None
+
+
 def per_class_table(results: dict) -> str:
     base = {c["class_name"]: c["rate"] for c in results["base"]["metrics"]["per_class"]}
     erased = {c["class_name"]: c["rate"] for c in results["metrics"]["per_class"]}
@@ -108,6 +124,8 @@ def write_report(out: Path, results: dict, rows: dict | None = None) -> Path:
              f"Model `{results['model']}`, detector `{results['detector']}`. Rates are detection "
              "rates of the concept (↓ better) or of the prompted classes (↑ better).",
              "## Metrics", metrics_table(results),
+             *(["Soft-prompt attack success, pooled over independent attacks:\n\n" + line]
+               if (line := soft_attack_line(results)) else []),
              "## Per class (simple prompts)", per_class_table(results)]
     grid = compare_grid(out, results, rows) if rows else None
     if grid:
@@ -125,8 +143,10 @@ def write_report(out: Path, results: dict, rows: dict | None = None) -> Path:
         if pic is not None and pic.is_file():
             rel = os.path.relpath(pic, out / "report")
             parts += [f"## Attacks on the {which} model",
-                      f"Rows: the concept prompt `{a['prompt']}`, the soft-prompt attack, the "
-                      f"token attack `{a['discrete_prompt']}`.", f"![attack]({rel})"]
+                      f"Rows: the concept prompt `{a['prompt']}`"
+                      + (", the soft-prompt attack" if a.get("success_soft") is not None
+                         and "soft_attacks" not in a else "")
+                      + f", the token attack `{a['discrete_prompt']}`.", f"![attack]({rel})"]
     path = out / "report" / "report.md"
     path.write_text("\n\n".join(parts) + "\n")
     return path
