@@ -102,11 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--per-class", type=int, default=10, help="simple prompts per class")
     r.add_argument("--concept-rows", type=int, default=30,
                    help="paraphrase (or style) prompts of the concept")
-    r.add_argument("--attack-images", type=int, default=10, help="images per attacked prompt")
+    r.add_argument("--attack-images", type=int, default=10,
+                   help="images per soft attack (and per plain / token-attacked prompt)")
+    r.add_argument("--attack-prompts", type=int, default=5,
+                   help="independent soft attacks, each from its own prompt of the concept "
+                        "and with its own seed; their images are pooled (default 5: 50 images)")
     r.add_argument("--detector", default="toy", help="detector (default: the toy detector)")
     r.add_argument("--base-dir", type=Path, default=None,
                    help="folder of base-model images to share between runs (default: in --out)")
-    r.add_argument("--attack-steps", type=int, default=100, help="soft-prompt attack steps")
+    r.add_argument("--attack-steps", type=int, default=100,
+                   help="soft-prompt attack steps (also measured at 3× this: *_3x keys)")
+    r.add_argument("--attack-tokens", type=int, default=8, help="soft-prompt attack tokens")
     _add_preset_flag(r)
     _add_train_flags(r)
 
@@ -285,15 +291,20 @@ def cmd_protocol(args) -> int:
     cfg = ProtocolConfig(concept=concept, out=args.out, model=args.model, method=args.method,
                          detector=args.detector, per_class=args.per_class,
                          concept_rows=args.concept_rows, attack_images=args.attack_images,
+                         attack_prompts=args.attack_prompts,
                          device=args.device, dtype=args.dtype,
                          train=_train_config(args, [concept], args.method),
-                         attack=AttackConfig(steps=args.attack_steps), base_dir=args.base_dir)
+                         attack=AttackConfig(steps=args.attack_steps, tokens=args.attack_tokens),
+                         base_dir=args.base_dir)
     _say_safety_checker_off()
     results = Protocol(cfg).run()
     print(f"{concept} ({args.method}): Acc_E {results['acc_e']:.3f}  Acc_R "
           f"{results['acc_r'] if results['acc_r'] is None else round(results['acc_r'], 3)}  "
           f"Acc_L {results['acc_l']:.3f}  H {results['h']}  soft attack "
-          f"{results['attack_success_soft']:.3f}; base Acc_E {results['base']['acc_e']:.3f}. "
+          f"{results['attack_success_soft']:.3f} [{results['attack_ci'][0]:.2f}, "
+          f"{results['attack_ci'][1]:.2f}] of {results['attack_n']} images, "
+          f"{results['attack_success_soft_3x']:.3f} at {3 * args.attack_steps} steps; "
+          f"base Acc_E {results['base']['acc_e']:.3f}. "
           f"{args.out / 'results.json'}, report in {args.out / 'report' / 'report.md'}")
     return 0
 
