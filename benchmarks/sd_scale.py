@@ -39,11 +39,12 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SD14_UNET = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768,
-                 attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
-                 layers_per_block=2,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+sys.path.insert(0, str(HERE))  # overhead.py beside this script holds SD 1.4's UNet config
+from overhead import CONFIGS  # noqa: E402
+
+# SD 1.4's published configs (built with random weights, nothing downloaded); every size
+# used afterwards is read from the built models.
+SD14_UNET = CONFIGS["sd14"][0]
 SD14_VAE = dict(block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3,
                 latent_channels=4, layers_per_block=2, sample_size=512,
                 down_block_types=("DownEncoderBlock2D",) * 4,
