@@ -296,9 +296,9 @@ def test_uniform_soft_tokens_and_attacked_only_step(pipe, tmp_path):
     cfg = TrainConfig(concepts=["car"], iterations=1, ddim_steps=2, adv_steps=1, adv_tokens=3,
                       rank=2, adv_init="uniform", erase_on="attacked", adv_weight_decay=0.1)
     trainer = Trainer(pipe, cfg, tmp_path, show_progress=False)
-    soft = trainer.adv["car"].detach()
+    soft = trainer.adv["car"][0].detach()
     assert soft.shape[0] == 3 and 0 <= soft.min() and soft.max() < 1
-    assert trainer.adv_opts["car"].param_groups[0]["weight_decay"] == 0.1
+    assert trainer.adv_opts["car"][0].param_groups[0]["weight_decay"] == 0.1
     seen = []
     unet_forward = pipe.unet.forward
 

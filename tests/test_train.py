@@ -53,7 +53,7 @@ def test_erasers_learn_on_the_plain_prompt_and_under_the_attack(pipe, tmp_path):
     assert last.shape[0] == 2 and torch.equal(last[0], plain[0])
     assert torch.equal(last[1, :start], plain[0, :start])  # the prompt up to the concept
     assert not torch.equal(last[1, start:], plain[0, start:])  # then the attack's soft tokens
-    assert torch.equal(last[1, start:start + 2], trainer.adv["car"].detach()[:2])
+    assert torch.equal(last[1, start:start + 2], trainer.adv["car"][0].detach()[:2])
 
 
 @pytest.mark.parametrize("zt_reuse", [1, 3])  # 3: stopped while a cached trajectory is in use
@@ -75,20 +75,20 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, tmp_path, zt_reuse
     t_res.train(resume=True)
     a, b = eraser_weights(full), eraser_weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(t_full.adv["car"], t_res.adv["car"])
+    assert all(torch.equal(a, b) for a, b in zip(t_full.adv["car"], t_res.adv["car"], strict=True))
     assert log_rows(tmp_path / "full") == log_rows(tmp_path / "part")
     assert not any(torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "up.weight" in k)
 
 
 def test_multi_concept_uses_one_eraser_set_and_one_prompt_per_concept(pipe, tmp_path):
     trainer = Trainer(pipe, config(concepts="car, dog", iterations=6), tmp_path)
-    initial = {c: p.detach().clone() for c, p in trainer.adv.items()}
+    initial = {c: p[0].detach().clone() for c, p in trainer.adv.items()}
     trainer.train()
     seen = {r["concept"] for r in log_rows(tmp_path)}
     assert seen == {"car", "dog"}
     assert set(trainer.adv) == {"car", "dog"}
     for c in seen:
-        assert not torch.equal(trainer.adv[c], initial[c])  # each concept's prompt was attacked
+        assert not torch.equal(trainer.adv[c][0], initial[c])  # each concept's prompt was attacked
     assert len(get_erasers(pipe.unet)) == 7
 
 
@@ -216,3 +216,40 @@ def test_anchor_term_pulls_eraser_output_on_the_anchor_down(tiny_model_dir, tmp_
             unet_eps(p.unet, z, 500, encode(p, ["a photo"]))
         added[weight] = anchor_loss(outs).item()
     assert added[50.0] < 0.5 * added[0.0], added
+
+
+def test_adversary_pool_takes_turns_and_restarts_out_of_phase(pipe, tmp_path):
+    trainer = Trainer(pipe, config(iterations=1, adv_pool=2, adv_reset=2), tmp_path)
+    start = [p.detach().clone() for p in trainer.adv["car"]]
+    picked = []
+    for _ in range(6):
+        soft, _ = trainer.next_adversary("car")
+        picked.append(next(k for k, p in enumerate(trainer.adv["car"]) if p is soft))
+        with torch.no_grad():
+            soft.add_(1.0)  # stands for an attack step
+    assert picked == [0, 1, 0, 1, 0, 1]
+    # member 0 restarts before its 3rd use (uses 0, 1 | restart, 2), member 1 one use
+    # earlier (out of phase): after six turns each holds the steps since its last restart
+    now = [p.detach() - s for p, s in zip(trainer.adv["car"], start, strict=True)]
+    assert torch.allclose(now[0], torch.ones_like(now[0]))
+    assert torch.allclose(now[1], 2 * torch.ones_like(now[1]))
+
+
+def test_adversary_pool_resumes_exactly(tiny_model_dir, tmp_path):
+    from receler import load_pipeline
+
+    cfg = dict(adv_pool=2, adv_reset=2)
+    full = load_pipeline(str(tiny_model_dir), device="cpu")
+    t_full = Trainer(full, config(**cfg), tmp_path / "full")
+    t_full.train()
+    part = load_pipeline(str(tiny_model_dir), device="cpu")
+    stop_at_3 = lambda tr, r: tr.request_stop() if r.iteration == 3 else None  # noqa: E731
+    with pytest.raises(TrainingInterrupted):
+        Trainer(part, config(**cfg), tmp_path / "part", callbacks=[stop_at_3]).train()
+    resumed = load_pipeline(str(tiny_model_dir), device="cpu")
+    t_res = Trainer(resumed, config(**cfg), tmp_path / "part")
+    t_res.train(resume=True)
+    a, b = eraser_weights(full), eraser_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(x, y) for x, y in zip(t_full.adv["car"], t_res.adv["car"], strict=True))
+    assert t_full.adv_uses == t_res.adv_uses

@@ -165,6 +165,12 @@ class TrainConfig:
                                       "code: 0.1)")
     adv_init: str = _f("prompt", "soft-token start: 'prompt' (the embeddings they replace: no "
                                  "change at first) or 'uniform' (U[0,1), the paper's code)")
+    adv_pool: int = _f(1, "adversarial soft prompts per concept, used in turn, one per "
+                          "iteration (1 = one persistent prompt, as in the paper)")
+    adv_reset: int = _f(0, "restart each soft prompt from its initialisation after this many "
+                           "of its own uses, so the erasers keep meeting fresh attacks as the "
+                           "evaluation's attacker is (0 = never); the pool's prompts restart "
+                           "in turn, not all at once")
     erase_on: str = _f("both", "prompts of the eraser step once the attack runs: 'both' (the "
                                "plain and the attacked prompt, one batch) or 'attacked' (the "
                                "attacked prompt only, the paper's code)")
@@ -176,11 +182,13 @@ class TrainConfig:
         self.concepts = parse_concepts(self.concepts)
         positive = {"iterations": self.iterations, "rank": self.rank, "ddim_steps": self.ddim_steps,
                     "zt_reuse": self.zt_reuse,
-                    "adv_tokens": self.adv_tokens, "checkpoint_every": self.checkpoint_every}
+                    "adv_tokens": self.adv_tokens, "adv_pool": self.adv_pool,
+                    "checkpoint_every": self.checkpoint_every}
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         non_negative = {"adv_steps": self.adv_steps, "adv_start": self.adv_start,
+                        "adv_reset": self.adv_reset,
                         "reg_weight": self.reg_weight, "anchor_weight": self.anchor_weight,
                         "mask_image_every": self.mask_image_every}
         for name, value in non_negative.items():

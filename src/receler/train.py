@@ -129,18 +129,41 @@ class Trainer(TrainingLoop):
                                  f"{config.adv_tokens} adversarial tokens it exceeds the "
                                  f"{max_len}-token prompt; pass --adv-tokens {room} or fewer, "
                                  "or shorten the concept")
-        # One soft prompt per concept, initialised to the embedding it replaces (no change),
-        # or, as the paper's code does, to U[0,1) noise.
-        self.adv = {}
+        # ``adv_pool`` soft prompts per concept, initialised to the embeddings they replace
+        # (no change), or, as the paper's code does, to U[0,1) noise; each restarts from its
+        # initialisation after ``adv_reset`` of its uses.
+        self.adv, self.adv_start_values, self.adv_opts = {}, {}, {}
+        self.adv_uses = {c: 0 for c in self.concepts}
         for c, idx in self.tokens.items():
             start = idx[-1] + 1
-            init = self.cond[c].hidden[0, start:start + config.adv_tokens].float().clone()
-            if config.adv_init == "uniform":
-                init = torch.rand(init.shape, generator=self.generator).to(init.device)
-            self.adv[c] = init.requires_grad_(True)
-        self.adv_opts = {c: torch.optim.Adam([p], lr=config.adv_lr,
-                                             weight_decay=config.adv_weight_decay)
-                         for c, p in self.adv.items()}
+            inits = []
+            for _ in range(config.adv_pool):
+                init = self.cond[c].hidden[0, start:start + config.adv_tokens].float().clone()
+                if config.adv_init == "uniform":
+                    init = torch.rand(init.shape, generator=self.generator).to(init.device)
+                inits.append(init)
+            self.adv_start_values[c] = inits
+            self.adv[c] = [init.clone().requires_grad_(True) for init in inits]
+            self.adv_opts[c] = [self._adv_optimizer(p) for p in self.adv[c]]
+
+    def _adv_optimizer(self, soft: torch.Tensor) -> torch.optim.Optimizer:
+        return torch.optim.Adam([soft], lr=self.config.adv_lr,
+                                weight_decay=self.config.adv_weight_decay)
+
+    def next_adversary(self, concept: str) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+        """The pool's next soft prompt of ``concept`` (in turn), restarted from its
+        initialisation (with a fresh optimiser) when it has been used ``adv_reset`` times.
+        Member ``k`` restarts ``k·adv_reset/adv_pool`` uses out of phase, so the pool always
+        holds attacks of every age, from fresh to ``adv_reset·adv_steps`` steps."""
+        cfg = self.config
+        used = self.adv_uses[concept]
+        self.adv_uses[concept] = used + 1
+        k, own = used % cfg.adv_pool, used // cfg.adv_pool
+        if cfg.adv_reset and own and (own + k * cfg.adv_reset // cfg.adv_pool) % cfg.adv_reset == 0:
+            with torch.no_grad():
+                self.adv[concept][k].copy_(self.adv_start_values[concept][k])
+            self.adv_opts[concept][k] = self._adv_optimizer(self.adv[concept][k])
+        return self.adv[concept][k], self.adv_opts[concept][k]
 
     # ------------------------------------------------------------------ one iteration
     def adversarial_hidden(self, concept: str, soft: torch.Tensor) -> torch.Tensor:
@@ -204,7 +227,7 @@ class Trainer(TrainingLoop):
         cfg, cond = self.config, self.cond[concept]
         if not self.use_adversary():
             return cond, []
-        soft, opt = self.adv[concept], self.adv_opts[concept]
+        soft, opt = self.next_adversary(concept)
         predict = lambda s: unet_eps(self.unet, z, t, cond.with_hidden(self.adversarial_hidden(concept, s)))  # noqa: E731
         losses = []
         for _ in range(cfg.adv_steps):
@@ -238,12 +261,17 @@ class Trainer(TrainingLoop):
         tensors.update(opt_t)
         adv_meta = {}
         for i, c in enumerate(self.concepts):
-            tensors[f"adv.{i}"] = self.adv[c].detach()
-            t_, adv_meta[c] = optimizer_tensors(self.adv_opts[c], f"adv_optim.{i}")
-            tensors.update(t_)
+            for k, soft in enumerate(self.adv[c]):
+                name = f"{i}" if k == 0 else f"{i}.{k}"  # pool member 0 keeps the old name
+                tensors[f"adv.{name}"] = soft.detach()
+                tensors[f"adv_start.{name}"] = self.adv_start_values[c][k]
+                t_, adv_meta[c if k == 0 else f"{c}#{k}"] = optimizer_tensors(
+                    self.adv_opts[c][k], f"adv_optim.{name}")
+                tensors.update(t_)
         loop_tensors, meta = self.loop_state()
         tensors.update(loop_tensors)
-        meta.update(optim=opt_meta, adv_optim=adv_meta, base_model=self.base_model)
+        meta.update(optim=opt_meta, adv_optim=adv_meta, adv_uses=self.adv_uses,
+                    base_model=self.base_model)
         path = self.out_dir / CHECKPOINT_FILE
         save_tensors(path, tensors, meta)
         return path
@@ -255,9 +283,15 @@ class Trainer(TrainingLoop):
             e.load_state_dict({k: tensors[f"erasers.{name}.{k}"] for k in e.state_dict()})
         restore_optimizer(self.optimizer, "optim", tensors, meta["optim"])
         for i, c in enumerate(self.concepts):
-            with torch.no_grad():
-                self.adv[c].copy_(tensors[f"adv.{i}"])
-            restore_optimizer(self.adv_opts[c], f"adv_optim.{i}", tensors, meta["adv_optim"][c])
+            for k, soft in enumerate(self.adv[c]):
+                name = f"{i}" if k == 0 else f"{i}.{k}"
+                with torch.no_grad():
+                    soft.copy_(tensors[f"adv.{name}"])
+                    if f"adv_start.{name}" in tensors:
+                        self.adv_start_values[c][k].copy_(tensors[f"adv_start.{name}"])
+                restore_optimizer(self.adv_opts[c][k], f"adv_optim.{name}", tensors,
+                                  meta["adv_optim"][c if k == 0 else f"{c}#{k}"])
+        self.adv_uses = {c: int(meta.get("adv_uses", {}).get(c, 0)) for c in self.concepts}
         self.restore_loop_state(tensors, meta)
 
     # ------------------------------------------------------------------ the loop
