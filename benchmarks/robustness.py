@@ -1,0 +1,235 @@
+"""Robustness curves: soft-prompt attack success against the attacker's steps and tokens.
+
+For every finished protocol run given (``receler protocol --out RUN``, any method), the
+same pooled attack suite as the protocol's (``--attack-prompts`` independent attacks, each
+from its own prompt of the concept and with its own seed, ``--attack-images`` images each)
+is measured after 0, 10, 30, 100 and 300 steps, and at 100 steps with 1, 4, 8 and 16 soft
+tokens. One optimisation per attack measures every step budget (Adam has no schedule), and
+every attack is cached under the run's ``attack/soft`` folder with the protocol's own key,
+so the budgets the protocol measured are not run again and a killed run resumes. The base
+model is measured once per concept (cached in the protocol's base folder).
+
+    python benchmarks/robustness.py RUN [RUN ...] --out benchmarks/results/robustness
+
+writes ``robustness.json`` (one row per run, tokens and steps, with ``successes``, ``n``,
+``rate`` and its Wilson 95% interval ``low``/``high``), ``robustness.md`` and
+``robustness_<concept>.png`` (success against steps, one line per method, intervals as bars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+STEPS = [0, 10, 30, 100, 300]
+TOKENS = [1, 4, 8, 16]
+TOKEN_STEPS = 100
+COLOURS = [(200, 40, 40), (40, 110, 200), (30, 150, 60), (150, 60, 160), (230, 140, 20),
+           (20, 160, 160), (120, 120, 120), (90, 50, 20), (220, 90, 170)]
+
+
+def label_of(run: Path, results: dict) -> str:
+    """The run's method, or its folder name when that says more (variants, seeds)."""
+    return run.name if run.name not in (results["method"], "erasers") else results["method"]
+
+
+def measure_run(run: Path, steps: list[int], tokens: list[int], token_steps: int,
+                include_base: bool) -> list[dict]:
+    """The curves of one finished protocol run (and of its base model)."""
+    from receler import load_pipeline
+    from receler.attack import AttackConfig, target_latents
+    from receler.attack_suite import attack_plan, soft_attack_suite, suite_key
+    from receler.eval.detectors import get_detector
+    from receler.methods import edit_disabled, load_edit
+    from receler.protocol import PromptSets, Protocol, ProtocolConfig
+    from receler.sampling import SamplerSettings
+
+    res = json.loads((run / "results.json").read_text())
+    c = res["config"]
+    cfg = ProtocolConfig(concept=res["concept"], out=run, model=c["model"], method=res["method"],
+                         detector=c["detector"], per_class=c["per_class"],
+                         concept_rows=c["concept_rows"], attack_images=c["attack_images"],
+                         attack_prompts=c["attack_prompts"], attack_prompt=c["attack_prompt"],
+                         attack=AttackConfig(**c["attack"]),
+                         prompts=PromptSets(**{k: Path(v) if v else None
+                                               for k, v in c["prompts"].items()})
+                         if c.get("prompts") else None,
+                         base_dir=Path(c["base_dir"]) if c["base_dir"] else None)
+    proto = Protocol(cfg, show_progress=False)
+    settings = SamplerSettings.for_model(proto.model)
+    detector = get_detector(cfg.detector)
+    pipe = load_pipeline(proto.model, device=c["device"], dtype=c["dtype"])
+    load_edit(pipe, run / "erasers")
+    latents = target_latents(pipe, proto.concept_prompt(), cfg.attack.target_images,
+                             steps=settings.steps, guidance=settings.guidance,
+                             seed=cfg.attack.seed, base=lambda: edit_disabled(pipe))
+    prompt = cfg.attack_prompt or proto.concept_prompt()
+    plan = attack_plan(proto.rows, cfg.concept, cfg.attack_prompts, first=prompt,
+                       seed=cfg.attack.seed)
+    label = label_of(run, res)
+    rows = []
+    for which in (["base"] if include_base else []) + ["erased"]:
+        cache = (proto.folder("base") / "soft_attacks" if which == "base"
+                 else run / "attack" / "soft")
+        budgets = {t: ([token_steps] if t != cfg.attack.tokens else []) for t in tokens}
+        budgets[cfg.attack.tokens] = sorted(set(steps) | {token_steps})
+        for t, checkpoints in budgets.items():
+            key = suite_key(which, cfg.detector, proto.concept_prompt(), settings)
+            with (edit_disabled(pipe) if which == "base" else _nothing()):
+                suite = soft_attack_suite(pipe, cfg.concept, plan, latents, detector, settings,
+                                          replace(cfg.attack, tokens=t), checkpoints=checkpoints,
+                                          n_images=cfg.attack_images, key=key, cache_dir=cache)
+            for s in checkpoints:
+                rate = suite["pooled"][str(s)]
+                rows.append({"method": "base (no erasure)" if which == "base" else label,
+                             "concept": cfg.concept, "run": str(run), "tokens": t, "steps": s,
+                             "attacks": len(plan), "successes": rate["successes"],
+                             "n": rate["total"], "rate": rate["rate"], "low": rate["low"],
+                             "high": rate["high"]})
+    return rows
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def to_markdown(rows: list[dict], default_tokens: int, token_steps: int = TOKEN_STEPS) -> str:
+    def cell(r):
+        return f"{r['rate']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+
+    lines = ["# Soft-prompt attack success against the attacker's strength", "",
+             "Pooled over independent attacks (own prompt and seed each); each cell is the "
+             "rate with its Wilson 95% interval, out of n attacked images.", ""]
+    for concept in dict.fromkeys(r["concept"] for r in rows):
+        mine = [r for r in rows if r["concept"] == concept]
+        methods = list(dict.fromkeys(r["method"] for r in mine))
+        steps = sorted({r["steps"] for r in mine if r["tokens"] == default_tokens})
+        tokens = sorted({r["tokens"] for r in mine if r["steps"] == token_steps})
+        n = max(r["n"] for r in mine)
+        lines += [f"## {concept}: against steps ({default_tokens} tokens, n = {n} per cell)", "",
+                  "| method | " + " | ".join(f"{s} steps" for s in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
+        for m in methods:
+            by = {r["steps"]: r for r in mine if r["method"] == m and r["tokens"] == default_tokens}
+            lines.append(f"| {m} | " + " | ".join(cell(by[s]) if s in by else "–" for s in steps)
+                         + " |")
+        lines += ["", f"## {concept}: against tokens ({token_steps} steps)", "",
+                  "| method | " + " | ".join(f"{t} tokens" for t in tokens) + " |",
+                  "|---|" + "---|" * len(tokens)]
+        for m in methods:
+            by = {r["tokens"]: r for r in mine if r["method"] == m and r["steps"] == token_steps}
+            lines.append(f"| {m} | " + " | ".join(cell(by[t]) if t in by else "–" for t in tokens)
+                         + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_picture(rows: list[dict], concept: str, default_tokens: int,
+               size: tuple[int, int] = (720, 440)) -> Image.Image:
+    """Attack success (0-1) against steps on a log-like axis, one line per method, 95%
+    intervals as vertical bars."""
+    mine = [r for r in rows if r["concept"] == concept and r["tokens"] == default_tokens]
+    steps = sorted({r["steps"] for r in mine})
+    methods = list(dict.fromkeys(r["method"] for r in mine))
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = 60, 30, w - 200, h - 50
+    d.rectangle((x0, y0, x1, y1), outline="black")
+    d.text((x0, 8), f"{concept}: soft-prompt attack success against attack steps "
+                    f"({default_tokens} tokens)", fill="black")
+    xs = {s: x0 + (x1 - x0) * i / max(len(steps) - 1, 1) for i, s in enumerate(steps)}
+
+    def y(v):
+        return y1 - (y1 - y0) * v
+
+    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
+        d.line((x0, y(v), x1, y(v)), fill=(225, 225, 225))
+        d.text((x0 - 34, y(v) - 6), f"{v:.2f}", fill="black")
+    for s, x in xs.items():
+        d.text((x - 8, y1 + 6), str(s), fill="black")
+    d.text(((x0 + x1) // 2 - 30, y1 + 24), "attack steps", fill="black")
+    for i, m in enumerate(methods):
+        col = COLOURS[i % len(COLOURS)]
+        pts = sorted((r["steps"], r) for r in mine if r["method"] == m)
+        off = (i - len(methods) / 2) * 3  # keep overlapping bars apart
+        line = [(xs[s] + off, y(r["rate"])) for s, r in pts]
+        if len(line) > 1:
+            d.line(line, fill=col, width=2)
+        for s, r in pts:
+            x = xs[s] + off
+            d.line((x, y(r["low"]), x, y(r["high"])), fill=col, width=1)
+            d.ellipse((x - 3, y(r["rate"]) - 3, x + 3, y(r["rate"]) + 3), fill=col)
+        d.rectangle((x1 + 12, y0 + 18 * i + 3, x1 + 22, y0 + 18 * i + 13), fill=col)
+        d.text((x1 + 28, y0 + 18 * i), m[:28], fill="black")
+    return img
+
+
+def write(rows: list[dict], out: Path, default_tokens: int, token_steps: int = TOKEN_STEPS
+          ) -> list[Path]:
+    from receler.serialization import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "robustness.json", out / "robustness.md"]
+    text = json.dumps(rows, indent=2) + "\n"
+    atomic_write(paths[0], lambda tmp: tmp.write_text(text))
+    md = to_markdown(rows, default_tokens, token_steps) + "\n"
+    atomic_write(paths[1], lambda tmp: tmp.write_text(md))
+    for concept in dict.fromkeys(r["concept"] for r in rows):
+        p = out / f"robustness_{concept}.png"
+        atomic_write(p, lambda tmp, c=concept: to_picture(rows, c, default_tokens).save(tmp, "PNG"))
+        paths.append(p)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="finished `receler protocol` run folders")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "robustness")
+    ap.add_argument("--steps", default=",".join(map(str, STEPS)))
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    try:
+        steps = sorted({int(s) for s in args.steps.split(",")})
+        tokens = sorted({int(t) for t in args.tokens.split(",")})
+    except ValueError:
+        print("error: --steps and --tokens take comma-separated integers, e.g. --steps "
+              "0,10,100", file=sys.stderr)
+        return 2
+    for run in args.runs:
+        if not (run / "results.json").is_file():
+            print(f"error: {run} holds no results.json: pass finished `receler protocol` run "
+                  "folders", file=sys.stderr)
+            return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rows: list[dict] = []
+    seen_base: set[str] = set()
+    default_tokens = None
+    for run in tqdm(args.runs, desc="runs"):
+        res = json.loads((run / "results.json").read_text())
+        default_tokens = default_tokens or res["config"]["attack"]["tokens"]
+        base_key = f"{res['concept']}|{res['config']['base_dir']}"
+        rows += measure_run(run, steps, tokens, TOKEN_STEPS, include_base=base_key not in seen_base)
+        seen_base.add(base_key)
+        write(rows, args.out, default_tokens)
+    for p in write(rows, args.out, default_tokens):
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""benchmarks/robustness.py: attack success against steps and tokens, on a tiny protocol run."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import load_benchmark
+from PIL import Image
+
+from receler.attack import AttackConfig
+from receler.config import TrainConfig
+from receler.protocol import Protocol, ProtocolConfig
+
+
+def test_curves_reuse_the_protocols_attacks_and_pool_every_attack(tiny_model_dir, prompt_sets,
+                                                                  colour_detector, tmp_path):
+    robustness = load_benchmark("robustness")
+    out = tmp_path / "run"
+    cfg = ProtocolConfig(
+        concept="car", out=out, model=str(tiny_model_dir), detector=colour_detector, per_class=1,
+        concept_rows=1, attack_images=2, attack_prompts=2, prompts=prompt_sets,
+        train=TrainConfig(concepts="car", iterations=2, ddim_steps=3, adv_steps=0, rank=4,
+                          mask_image_every=0),
+        attack=AttackConfig(tokens=2, steps=1, sweeps=1, candidates=2, target_images=1,
+                            noise_draws=1))
+    res = Protocol(cfg, show_progress=False).run()
+    soft = sorted((out / "attack" / "soft").glob("*.json"))
+    before = {p: p.read_text() for p in soft}
+
+    rows = robustness.measure_run(out, steps=[0, 1, 3], tokens=[1, 2], token_steps=1,
+                                  include_base=True)
+    erased = {(r["tokens"], r["steps"]): r for r in rows if r["method"] != "base (no erasure)"}
+    assert set(erased) == {(2, 0), (2, 1), (2, 3), (1, 1)}
+    assert {r["method"] for r in rows} == {"base (no erasure)", "run"}
+    for r in rows:
+        assert r["n"] == 4 and r["attacks"] == 2  # 2 attacks × 2 images, pooled
+        assert r["low"] <= r["rate"] <= r["high"] and r["rate"] == r["successes"] / r["n"]
+    # the protocol's own budgets (1 and 3 steps) are read from its cache, not measured again
+    assert erased[(2, 1)]["rate"] == res["attack_success_soft"]
+    assert erased[(2, 3)]["rate"] == res["attack_success_soft_3x"]
+    for p, text in before.items():
+        kept = json.loads(text)["steps"]
+        assert json.loads(p.read_text())["steps"].items() >= kept.items()
+
+    paths = robustness.write(rows, tmp_path / "curves", default_tokens=2, token_steps=1)
+    names = {p.name for p in paths}
+    assert names == {"robustness.json", "robustness.md", "robustness_car.png"}
+    assert json.loads((tmp_path / "curves" / "robustness.json").read_text()) == rows
+    md = (tmp_path / "curves" / "robustness.md").read_text()
+    assert "| run |" in md and "3 steps" in md and "1 tokens" in md
+    assert Image.open(tmp_path / "curves" / "robustness_car.png").size == (720, 440)
+
+
+def test_a_folder_without_results_is_a_one_line_error(tmp_path, capsys):
+    robustness = load_benchmark("robustness")
+    assert robustness.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "results.json" in err
