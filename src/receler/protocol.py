@@ -5,17 +5,24 @@ the concept is erased on the same pipeline and the erased model is measured with
 prompts, seeds and detector, so every difference comes from the erasure. Generation is
 resumable (existing images are skipped) and erasing resumes from the run's checkpoint, so
 a killed protocol run picks up where it stopped.
+
+The erased model need not be trained here: ``erasers`` (a ``receler erase`` folder of
+any method), ``unet`` / ``text_encoder`` (fine-tuned modules in diffusers format) or
+``lora`` name a candidate made elsewhere (:mod:`receler.external`), measured the same way.
+Each image folder is keyed (:mod:`receler.image_keys`), so a base folder shared between
+runs, or a run folder used again, is refused when its images were made differently.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .attack import (
@@ -36,12 +43,21 @@ from .eval.metrics import (
     two_object_locality,
 )
 from .eval.prompts import PromptRow, read_prompts
+from .external import Candidate, erase_candidate, resolve_candidate
+from .image_keys import KEY_FILE, folder_key
+from .image_keys import check as check_images
+from .image_keys import claim as claim_images
 from .pipeline import default_model, load_pipeline
 from .sampling import SamplerSettings, generate, generate_prompt_file
-from .serialization import CHECKPOINT_FILE, CONFIG_FILE, read_tensors
+from .serialization import CHECKPOINT_FILE, CONFIG_FILE, atomic_write, read_tensors
 from .viz import image_grid
 
 logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1  # of results.json; raised when a key changes meaning or goes away
+STAGES = ("latency", "attack", "two-object")  # what --skip may leave out
+SOURCES = ("erasers", "unet", "text_encoder", "lora")  # candidates made elsewhere
+TIMING_KEYS = ("seconds", "latency_base_s", "latency_s", "overhead_ratio")  # vary run to run
 
 
 @dataclass
@@ -68,7 +84,7 @@ class ProtocolConfig:
     concept: str  # the concept to erase (an object class or a style)
     out: Path  # run folder
     model: str | None = None  # hub id or folder; None = the toy model
-    method: str = "receler"  # erasure method (see `receler erase --method`)
+    method: str | None = None  # erasure method to train (default receler); with erasers: checked
     detector: str = "toy"  # detector registered in receler.eval.detectors
     per_class: int = 10  # simple-prompt rows per class
     concept_rows: int = 30  # paraphrase / style rows of the erased concept
@@ -79,21 +95,47 @@ class ProtocolConfig:
     attack_prompt: str | None = None  # prompt the attacks start from (default: a simple one)
     device: str | None = None
     dtype: str | None = None  # fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on the CPU)
-    train: TrainConfig | None = None  # default: TrainConfig(concepts=concept)
+    train: TrainConfig | None = None  # default: TrainConfig(concepts=concept); None elsewise
     attack: AttackConfig = field(default_factory=AttackConfig)
     prompts: PromptSets | None = None  # default: the toy world's sets
     base_dir: Path | None = None  # base-model images and attack, shareable between runs
+    erasers: Path | None = None  # a `receler erase` folder to measure instead of training
+    unet: str | None = None  # fine-tuned UNet (diffusers folder, pipeline folder or hub id)
+    text_encoder: str | None = None  # fine-tuned CLIPTextModel (folder, pipeline or hub id)
+    lora: Path | None = None  # diffusers LoRA .safetensors file (UNet and/or text encoder)
+    name: str | None = None  # label in results.json and the leaderboard (default: the method)
+    skip: tuple[str, ...] = ()  # stages left out (STAGES); their keys are null
+    sample_steps: int | None = None  # denoising steps of every image (default: the model's)
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True) during the run
 
     def __post_init__(self):
         self.out = Path(self.out)
-        self.train = self.train or TrainConfig(concepts=[self.concept])
-        if self.train.concepts != [self.concept]:
-            raise ValueError(f"the protocol erases one concept; got train concepts "
-                             f"{self.train.concepts} for concept {self.concept!r}")
+        given = [n for n in SOURCES if getattr(self, n) is not None]
+        flags = ["--" + n.replace("_", "-") for n in given]
+        if len(given) > 1 and ("erasers" in given or "lora" in given):
+            raise ValueError(f"{flags[0]} and {flags[1]} are two candidates: measure one per run "
+                             "(only --unet and --text-encoder go together)")
+        if given and self.train is not None:
+            raise ValueError(f"training settings were given, but with {flags[0]} nothing is "
+                             "trained: drop them")
+        if not given:
+            self.method = self.method or "receler"
+            self.train = self.train or TrainConfig(concepts=[self.concept])
+            if self.train.concepts != [self.concept]:
+                raise ValueError(f"the protocol erases one concept; got train concepts "
+                                 f"{self.train.concepts} for concept {self.concept!r}")
+        self.skip = tuple(dict.fromkeys(
+            self.skip.split(",") if isinstance(self.skip, str) else self.skip))
+        unknown = [s for s in self.skip if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage {unknown[0]!r} to skip: choose from "
+                             f"{', '.join(STAGES)}")
         for name in ("per_class", "concept_rows", "attack_images", "attack_prompts",
                      "attack_stronger"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.sample_steps is not None and self.sample_steps < 1:
+            raise ValueError(f"sample_steps must be at least 1, got {self.sample_steps}")
 
 
 def select_rows(cfg: ProtocolConfig) -> dict[str, list[PromptRow]]:
@@ -107,7 +149,7 @@ def select_rows(cfg: ProtocolConfig) -> dict[str, list[PromptRow]]:
     if is_class and sets.paraphrase is not None:
         rows = [r for r in read_prompts(sets.paraphrase) if r.class_name == cfg.concept]
         chosen["paraphrase"] = rows[:cfg.concept_rows]
-    if is_class and sets.two_object is not None:
+    if is_class and sets.two_object is not None and "two-object" not in cfg.skip:
         rows = [r for r in read_prompts(sets.two_object)
                 if cfg.concept in (r.class_name, r.extra.get("class2"))]
         chosen["two_object"] = rows[:cfg.two_object_rows]
@@ -130,6 +172,11 @@ class Protocol:
         self.rows = select_rows(cfg)
         self.seconds: dict[str, float] = {}
         self.results: dict[str, dict] = {}
+        # A candidate made elsewhere, checked before anything loads (None: erase here).
+        self.candidate: Candidate | None = resolve_candidate(
+            cfg.concept, self.model, erasers=cfg.erasers, unet=cfg.unet,
+            text_encoder=cfg.text_encoder, lora=cfg.lora, method=cfg.method, name=cfg.name)
+        self.method = self.candidate.method if self.candidate else cfg.method
 
     def timed(self, stage: str, fn: Callable, *args, **kwargs):
         start = time.perf_counter()
@@ -205,14 +252,17 @@ class Protocol:
                            f"soft_steps{suffix}": steps})
         result.update(soft_attacks=suite["attacks"], grid=str(grid))
         if which == "base":
-            cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+            text = json.dumps({"key": key, "result": result}, indent=2) + "\n"
+            atomic_write(cache, lambda tmp: tmp.write_text(text))
         return result
 
     def latency(self, pipe, repeats: int = 6, n: int = 4) -> dict:
-        return measure_latency(pipe, self.concept_prompt(), self.settings, repeats=repeats, n=n)
+        return measure_latency(pipe, self.concept_prompt(), self.settings, repeats=repeats, n=n,
+                               base=lambda: self.candidate.base(pipe))
 
-    def erase(self, pipe) -> None:
-        from .methods import erase_with, load_edit
+    def check_erase_folder(self) -> tuple[bool, bool]:
+        """Refuse an erase run in ``out/erasers`` made with other settings; returns
+        (finished, checkpointed)."""
         from .methods.edits import EditConfig
         from .methods.registry import settings_mismatch
 
@@ -228,62 +278,134 @@ class Protocol:
         if why:  # reusing it would report the old settings' results under the new ones
             raise ValueError(f"{out} holds an erase run with {why}: choose another --out to "
                              "erase with these settings, or delete that folder")
+        return finished, checkpointed
+
+    def erase(self, pipe) -> None:
+        from .methods import erase_with, load_edit
+
+        finished, checkpointed = self.check_erase_folder()
+        out = self.cfg.out / "erasers"
         if finished:
             load_edit(pipe, out)
         else:
             erase_with(self.cfg.method, pipe, self.cfg.train, out, base_model=self.model,
                        resume=checkpointed,
                        show_progress=self.show_progress)
+        self.candidate = erase_candidate(self.cfg.method, out, name=self.cfg.name)
+
+    # -------------------------------------------------------------- image keys
+    def check_images(self, which: str, *, record: bool = False) -> dict | None:
+        """Refuse a folder whose images were made differently; with ``record``, add this
+        run's rows to its key and return the key's summary for results.json."""
+        folder, candidate = self.folder(which), None
+        what = "--base-dir" if which == "base" and self.cfg.base_dir is not None else "folder"
+        fix = (f"pass a --base-dir of its own for these settings, or delete {folder}"
+               if which == "base" else f"choose another --out for this model, or delete {folder}")
+        if which == "erased":
+            candidate = self.candidate
+            if candidate is None and (self.cfg.out / "erasers" / CONFIG_FILE).is_file():
+                candidate = erase_candidate(self.cfg.method, self.cfg.out / "erasers")
+            if candidate is None:  # the erase stage has not finished: no image can be its
+                if (folder / KEY_FILE).is_file() or next(folder.rglob("*.png"), None):
+                    raise ValueError(f"{folder} holds images of erasers that {self.cfg.out} "
+                                     f"no longer holds finished: {fix}")
+                return None
+            candidate = candidate.key()
+        key = folder_key(self.model, self.dtype, self.settings, self.rows, candidate)
+        if record:
+            return claim_images(folder, key, what=what, fix=fix)
+        check_images(folder, key, what=what, fix=fix)
+        return None
 
     def run(self) -> dict:
-        cfg = self.cfg
+        with deterministic_algorithms(self.cfg.deterministic):
+            return self._run()
+
+    def _run(self) -> dict:
+        cfg, attack = self.cfg, "attack" not in self.cfg.skip
+        if self.candidate is None:
+            self.check_erase_folder()  # before anything loads or is generated
         cfg.out.mkdir(parents=True, exist_ok=True)
         pipe = self.timed("load", load_pipeline, self.model, device=cfg.device, dtype=cfg.dtype)
+        self.dtype = str(pipe.unet.dtype).removeprefix("torch.")
         self.settings = SamplerSettings.for_model(self.model)
+        if cfg.sample_steps is not None:
+            self.settings = replace(self.settings, steps=cfg.sample_steps)
+        base_key = self.check_images("base", record=True)
+        self.check_images("erased")
         self.detector = self.timed("load", get_detector, cfg.detector)
         latents = self.timed("attack", target_latents, pipe, self.concept_prompt(),
                              cfg.attack.target_images, steps=self.settings.steps,
-                             guidance=self.settings.guidance, seed=cfg.attack.seed)
+                             guidance=self.settings.guidance, seed=cfg.attack.seed) \
+            if attack else None
         self.timed("generate_base", self.generate_sets, pipe, "base")
-        base_attack = self.timed("attack_base", self.attack, pipe, "base", latents)
-        self.timed("erase", self.erase, pipe)
+        base_attack = self.timed("attack_base", self.attack, pipe, "base", latents) \
+            if attack else None
+        if self.candidate is None:
+            self.timed("erase", self.erase, pipe)
+        else:
+            self.timed("apply", self.candidate.apply, pipe)
+        erased_key = self.check_images("erased", record=True)
         self.timed("generate", self.generate_sets, pipe, "erased")
-        erased_attack = self.timed("attack", self.attack, pipe, "erased", latents)
-        latency = self.timed("latency", self.latency, pipe)
+        erased_attack = self.timed("attack", self.attack, pipe, "erased", latents) \
+            if attack else None
+        latency = self.timed("latency", self.latency, pipe) if "latency" not in cfg.skip else \
+            dict.fromkeys(("latency_base_s", "latency_s", "overhead_ratio"))
         base = self.timed("evaluate", self.evaluate, "base")
         erased = self.timed("evaluate", self.evaluate, "erased")
-        results = summarise(erased, erased_attack)
+        results = {"schema_version": SCHEMA_VERSION, **summarise(erased, erased_attack)}
         results["base"] = summarise(base, base_attack)
-        saved = json.loads((self.cfg.out / "erasers" / CONFIG_FILE).read_text())
-        results["train"] = saved.get("stats")
+        results["train"] = self.candidate.stats
         results.update(latency, base_images=str(self.folder("base")))
-        results.update(concept=cfg.concept, method=cfg.method, model=self.model,
-                       detector=cfg.detector, seconds=dict(self.seconds),
-                       dtype=str(pipe.unet.dtype).removeprefix("torch."),
-                       safety_checker="off",  # load_pipeline never loads it
+        results.update(concept=cfg.concept, method=self.method, name=self.candidate.name,
+                       candidate=self.candidate.describe(), skipped=list(cfg.skip),
+                       model=self.model, detector=cfg.detector, seconds=dict(self.seconds),
+                       dtype=self.dtype, safety_checker="off",  # load_pipeline never loads it
                        rows={k: len(v) for k, v in self.rows.items()},
+                       base_key=base_key, erased_key=erased_key,
                        config=json.loads(json.dumps(asdict(cfg), default=str)))
         from .report import write_report
 
         self.timed("report", write_report, cfg.out, results, self.rows)
         results["seconds"] = dict(self.seconds, total=sum(self.seconds.values()))
-        (cfg.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        text = json.dumps(results, indent=2, default=str) + "\n"
+        atomic_write(cfg.out / "results.json", lambda tmp: tmp.write_text(text))
         return results
 
 
+@contextmanager
+def deterministic_algorithms(on: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` inside the block (when ``on``); cuBLAS
+    gets the workspace setting it needs for that, unless one is set already."""
+    if not on:
+        yield
+        return
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def measure_latency(pipe, prompt: str, settings: SamplerSettings, *, repeats: int = 6,
-                    n: int = 4) -> dict:
+                    n: int = 4, base: Callable | None = None) -> dict:
     """Median seconds to generate ``n`` images of ``prompt`` with the pipeline's edit on and
     off, interleaved in the same process so that machine load affects both alike, in ABBA
-    order so that neither always runs first, after one warm-up."""
+    order so that neither always runs first, after one warm-up. ``base()`` is a context
+    manager giving the base model (default: the pipeline's edit disabled)."""
     from .methods import edit_disabled
 
+    base = base or (lambda: edit_disabled(pipe))
     prompts, seeds = [prompt] * n, list(range(n))
     times: dict[str, list[float]] = {"base": [], "erased": []}
     generate(pipe, prompts, seeds, settings=settings, batch_size=n)  # warm-up
     for r in range(repeats):
         for which in (("base", "erased") if r % 2 == 0 else ("erased", "base")):
-            with edit_disabled(pipe) if which == "base" else nullcontext():
+            with base() if which == "base" else nullcontext():
                 start = time.perf_counter()
                 generate(pipe, prompts, seeds, settings=settings, batch_size=n)
                 times[which].append(time.perf_counter() - start)
@@ -291,16 +413,17 @@ def measure_latency(pipe, prompt: str, settings: SamplerSettings, *, repeats: in
     return {"latency_base_s": base, "latency_s": erased, "overhead_ratio": erased / base - 1}
 
 
-def summarise(metrics: dict, attack: dict) -> dict:
-    """The flat keys of results.json, plus the details."""
+def summarise(metrics: dict, attack: dict | None) -> dict:
+    """The flat keys of results.json, plus the details (attack keys null when skipped)."""
+    a = attack or {}
     return {"acc_e": metrics["acc_e"], "acc_r": metrics["acc_r"], "acc_l": metrics["acc_l"],
             "h": metrics["h"], "two_object_locality": metrics.get("two_object_locality"),
-            "attack_success_plain": attack["success_plain"],
-            "attack_success_soft": attack["success_soft"],
-            "attack_n": attack.get("soft_n"), "attack_ci": attack.get("soft_ci"),
-            "attack_success_soft_3x": attack.get("success_soft_3x"),
-            "attack_n_3x": attack.get("soft_n_3x"), "attack_ci_3x": attack.get("soft_ci_3x"),
-            "attack_success_discrete": attack["success_discrete"],
+            "attack_success_plain": a.get("success_plain"),
+            "attack_success_soft": a.get("success_soft"),
+            "attack_n": a.get("soft_n"), "attack_ci": a.get("soft_ci"),
+            "attack_success_soft_3x": a.get("success_soft_3x"),
+            "attack_n_3x": a.get("soft_n_3x"), "attack_ci_3x": a.get("soft_ci_3x"),
+            "attack_success_discrete": a.get("success_discrete"),
             "metrics": metrics, "attack": attack}
 
 

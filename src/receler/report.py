@@ -124,6 +124,8 @@ def write_report(out: Path, results: dict, rows: dict | None = None) -> Path:
              f"Model `{results['model']}`, detector `{results['detector']}`. Rates are detection "
              "rates of the concept (↓ better) or of the prompted classes (↑ better).",
              "## Metrics", metrics_table(results),
+             *([f"Skipped stages (their numbers are null): {', '.join(results['skipped'])}."]
+               if results.get("skipped") else []),
              *(["Soft-prompt attack success, pooled over independent attacks:\n\n" + line]
                if (line := soft_attack_line(results)) else []),
              "## Per class (simple prompts)", per_class_table(results)]
