@@ -19,7 +19,14 @@ from dataclasses import fields
 from pathlib import Path
 from typing import get_type_hints
 
-from .cli_common import _add_model_flags, _load, _refuse_existing, _say_safety_checker_off
+from .cli_common import (
+    _add_candidate_flags,
+    _add_model_flags,
+    _load,
+    _refuse_existing,
+    _say_safety_checker_off,
+    _skip_stages,
+)
 from .cli_images import add_image_commands, cmd_evaluate, cmd_generate
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 130
@@ -94,11 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--detector", default="toy", help="detector that decides success")
     a.add_argument("--overwrite", action="store_true", help="replace an existing attack.json")
 
-    r = sub.add_parser("protocol", help="erase → generate → evaluate → attack → report")
+    r = sub.add_parser("protocol", help="erase → generate → evaluate → attack → report, or "
+                       "measure a model erased elsewhere (--erasers, --unet, --lora)")
     _add_concept_flag(r, "the concept to erase (one)")
     r.add_argument("--out", required=True, type=Path, help="run folder (resumable)")
     _add_model_flags(r)
-    r.add_argument("--method", default="receler", help="erasure method (default: receler)")
+    r.add_argument("--method", default=None,
+                   help="erasure method to train (default: receler); with --erasers, read from "
+                        "the folder")
+    _add_candidate_flags(r)
     r.add_argument("--per-class", type=int, default=10, help="simple prompts per class")
     r.add_argument("--concept-rows", type=int, default=30,
                    help="paraphrase (or style) prompts of the concept")
@@ -283,30 +294,57 @@ def cmd_attack(args) -> int:
 
 def cmd_protocol(args) -> int:
     from .attack import AttackConfig
-    from .protocol import Protocol, ProtocolConfig
+    from .config import TrainConfig
+    from .protocol import SOURCES, Protocol, ProtocolConfig
 
     if len(args.concept) != 1:
         raise ValueError("protocol measures one concept: pass --concept once")
     concept = args.concept[0]
+    source = next((n for n in SOURCES if getattr(args, n) is not None), None)
+    if source is None:
+        train = _train_config(args, [concept], args.method or "receler")
+    else:  # nothing is trained: a training flag would be silently ignored
+        given = [f.name for f in fields(TrainConfig)
+                 if f.name != "concepts" and getattr(args, f.name) is not None]
+        if args.preset:
+            given.insert(0, "preset")
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} sets training, but with "
+                             f"--{source.replace('_', '-')} nothing is trained: drop it")
+        train = None
     cfg = ProtocolConfig(concept=concept, out=args.out, model=args.model, method=args.method,
                          detector=args.detector, per_class=args.per_class,
                          concept_rows=args.concept_rows, attack_images=args.attack_images,
                          attack_prompts=args.attack_prompts,
-                         device=args.device, dtype=args.dtype,
-                         train=_train_config(args, [concept], args.method),
+                         device=args.device, dtype=args.dtype, train=train,
                          attack=AttackConfig(steps=args.attack_steps, tokens=args.attack_tokens),
-                         base_dir=args.base_dir)
+                         base_dir=args.base_dir, erasers=args.erasers, unet=args.unet,
+                         text_encoder=args.text_encoder, lora=args.lora, name=args.name,
+                         skip=_skip_stages(args.skip), sample_steps=args.sample_steps,
+                         deterministic=args.deterministic)
+    protocol = Protocol(cfg)  # checks a model erased elsewhere before anything loads
     _say_safety_checker_off()
-    results = Protocol(cfg).run()
-    print(f"{concept} ({args.method}): Acc_E {results['acc_e']:.3f}  Acc_R "
-          f"{results['acc_r'] if results['acc_r'] is None else round(results['acc_r'], 3)}  "
-          f"Acc_L {results['acc_l']:.3f}  H {results['h']}  soft attack "
-          f"{results['attack_success_soft']:.3f} [{results['attack_ci'][0]:.2f}, "
-          f"{results['attack_ci'][1]:.2f}] of {results['attack_n']} images, "
-          f"{results['attack_success_soft_3x']:.3f} at {3 * args.attack_steps} steps; "
-          f"base Acc_E {results['base']['acc_e']:.3f}. "
-          f"{args.out / 'results.json'}, report in {args.out / 'report' / 'report.md'}")
+    results = protocol.run()
+    print(f"{concept} ({results['name']}): {_summary(results, 3 * args.attack_steps)}; base "
+          f"Acc_E {results['base']['acc_e']:.3f}. {args.out / 'results.json'}, report in "
+          f"{args.out / 'report' / 'report.md'}")
     return 0
+
+
+def _summary(results: dict, strong_steps: int) -> str:
+    def num(x):
+        return "–" if x is None else f"{x:.3f}"
+
+    parts = [f"Acc_E {num(results['acc_e'])}  Acc_R {num(results['acc_r'])}  Acc_L "
+             f"{num(results['acc_l'])}  H {num(results['h'])}"]
+    if results["attack_ci"] is not None:
+        lo, hi = results["attack_ci"]
+        parts.append(f"soft attack {num(results['attack_success_soft'])} [{lo:.2f}, {hi:.2f}] of "
+                     f"{results['attack_n']} images, {num(results['attack_success_soft_3x'])} "
+                     f"at {strong_steps} steps")
+    if results.get("skipped"):
+        parts.append(f"skipped: {', '.join(results['skipped'])}")
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,3 +37,35 @@ def _say_safety_checker_off() -> None:
 def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists: pass --overwrite or choose another --out")
+
+
+def _add_candidate_flags(p: argparse.ArgumentParser) -> None:
+    """``receler protocol``'s flags for a model erased elsewhere, and for what to leave out."""
+    g = p.add_argument_group("a model erased elsewhere (measured instead of erasing here)")
+    g.add_argument("--erasers", type=Path, default=None,
+                   help="a folder written by `receler erase --method ...` (any method; it must "
+                        "have erased --concept)")
+    g.add_argument("--unet", default=None, metavar="PATH_OR_ID",
+                   help="a fine-tuned UNet in diffusers format: its folder, a pipeline folder "
+                        "(its unet/ is used) or a hub id; the base model keeps its own")
+    g.add_argument("--text-encoder", default=None, metavar="PATH_OR_ID",
+                   help="a fine-tuned CLIP text encoder, like --unet (combinable with it)")
+    g.add_argument("--lora", type=Path, default=None, metavar="FILE",
+                   help="a diffusers LoRA .safetensors file (UNet and/or text encoder; "
+                        "needs peft: pip install 'receler[lora]')")
+    g.add_argument("--name", default=None,
+                   help="label in results.json and the leaderboard (default: the method, or "
+                        "unet:FOLDER, lora:FILE, ...)")
+    p.add_argument("--skip", action="append", default=None, metavar="STAGE[,STAGE]",
+                   help="stages to leave out, their numbers null: latency, attack, two-object")
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help="denoising steps of every image (default: the model's; a quick look "
+                        "only, runs with other steps are not comparable)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True): repeatable to the bit on one "
+                        "machine, slower on CUDA")
+
+
+def _skip_stages(values: list[str] | None) -> tuple[str, ...]:
+    """``--skip a,b --skip c`` as ``("a", "b", "c")``."""
+    return tuple(s.strip() for v in values or () for s in v.split(",") if s.strip())

@@ -4,7 +4,9 @@ Runs are comparable only when they were measured the same way: the same base mod
 concept, detector, prompt sets, counts, attack settings and sampler. The first run is the
 reference; any other run that differs in one of these is refused with the first
 difference named, so a table never mixes, say, a 30-step attack with a 100-step one. The
-erasure method and its training settings are what may differ.
+erasure method and its training settings are what may differ, and so may where the
+erased model came from: trained by the protocol, or made elsewhere (``--erasers``,
+``--unet``, ``--text-encoder``, ``--lora``). Stages a run skipped show as "–".
 
 The picture plots H against the soft-prompt attack success, one point per run, with the
 attack's Wilson 95% interval as a horizontal bar. Lower right is worse, upper left better.
@@ -20,9 +22,11 @@ from PIL import Image, ImageDraw
 
 from .serialization import atomic_write
 
-# ProtocolConfig fields that are the method's own, not the measurement's
-_METHOD_FIELDS = {"method", "train", "out", "device", "dtype", "base_dir"}
+# ProtocolConfig fields that are the method's own (or bookkeeping), not the measurement's
+_METHOD_FIELDS = {"method", "train", "out", "device", "dtype", "base_dir", "erasers", "unet",
+                  "text_encoder", "lora", "name", "skip", "deterministic"}
 _COMPARED = ("model", "concept", "detector", "rows")
+SCHEMA_VERSION = 1  # the newest results.json this receler reads
 
 
 def read_run(path: str | Path) -> dict[str, Any]:
@@ -36,6 +40,11 @@ def read_run(path: str | Path) -> dict[str, Any]:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {file}: {e}; run the protocol again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} is not a protocol result (not a JSON object)")
+    if data.get("schema_version", 0) > SCHEMA_VERSION:
+        raise ValueError(f"{file} has schema_version {data['schema_version']}, newer than this "
+                         f"receler reads ({SCHEMA_VERSION}): upgrade receler")
     missing = [k for k in ("method", "h", "acc_e", "acc_l", "attack_success_soft", "config")
                if k not in data]
     if missing:
@@ -45,10 +54,15 @@ def read_run(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def measurement(run: dict) -> dict[str, Any]:
-    """What must agree between runs: the measurement, without the method."""
+def measurement(run: dict, *, images: bool = True) -> dict[str, Any]:
+    """What must agree between runs: the measurement, without the method. With ``images``,
+    also the base images' sampler and the digests of their prompts and seeds."""
     config = {k: v for k, v in run["config"].items() if k not in _METHOD_FIELDS}
-    return {**{k: run.get(k) for k in _COMPARED}, **config}
+    out = {**{k: run.get(k) for k in _COMPARED}, **config}
+    key = run.get("base_key")
+    if images and key:
+        out["base_images"] = {"sampler": key.get("sampler"), "prompts": key.get("prompts")}
+    return out
 
 
 def first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
@@ -74,6 +88,7 @@ def row(run: dict, label: str) -> dict[str, Any]:
     detail = run.get("metrics", {}).get("detail", {})
     train = run.get("train") or {}
     return {"label": label, "method": run["method"], "concept": run.get("concept"),
+            "kind": (run.get("candidate") or {}).get("kind", "erase"),
             "acc_e": run["acc_e"], "acc_e_ci": _interval(detail.get("acc_e")),
             "acc_r": run.get("acc_r"), "acc_r_ci": _interval(detail.get("acc_r")),
             "acc_l": run["acc_l"], "acc_l_ci": _interval(detail.get("acc_l")), "h": run["h"],
@@ -81,6 +96,7 @@ def row(run: dict, label: str) -> dict[str, Any]:
             "attack_ci": run.get("attack_ci"),
             "attack_success_soft_3x": run.get("attack_success_soft_3x"),
             "attack_ci_3x": run.get("attack_ci_3x"),
+            # forward plus backward passes through the UNet spent erasing
             "unet_passes": (train.get("unet_forward", 0) + train.get("unet_backward", 0)
                             if train else None),
             "train_seconds": train.get("seconds"), "path": run["_path"]}
@@ -93,17 +109,19 @@ def build(paths: list[str | Path], labels: list[str] | None = None) -> dict[str,
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"{len(labels)} labels for {len(paths)} runs: give one --label per run")
     runs = [read_run(p) for p in paths]
-    ref = measurement(runs[0])
+    images = all(r.get("base_key") for r in runs)  # runs of older receler versions lack it
+    ref = measurement(runs[0], images=images)
     for path, run in zip(paths[1:], runs[1:], strict=True):
-        diff = first_difference(ref, measurement(run))
+        diff = first_difference(ref, measurement(run, images=images))
         if diff:
             raise ValueError(f"{path} was measured differently from {paths[0]} ({diff}): "
                              "compare runs of one protocol setting only")
-    names = labels or [r["method"] for r in runs]
+    names = labels or [r.get("name") or r["method"] for r in runs]
     if len(set(names)) < len(names):  # the same method twice: tell the runs apart
         names = [f"{n} ({Path(p).name})" for n, p in zip(names, paths, strict=True)]
     rows = [row(r, n) for r, n in zip(runs, names, strict=True)]
-    rows.sort(key=lambda r: (-(r["h"] if r["h"] is not None else -1), r["attack_success_soft"]))
+    rows.sort(key=lambda r: (-(r["h"] if r["h"] is not None else -1),
+                             2 if r["attack_success_soft"] is None else r["attack_success_soft"]))
     return {"measurement": ref, "rows": rows}
 
 
@@ -118,7 +136,8 @@ def to_markdown(board: dict) -> str:
     m = board["measurement"]
     lines = [f"# Leaderboard: {m.get('concept')} on {m.get('model') or 'the toy model'}", "",
              f"Detector {m.get('detector')}; every run measured with the same prompts, seeds "
-             "and attack. Rates with their Wilson 95% interval.", "",
+             "and attack. Rates with their Wilson 95% interval; UNet passes are the forward "
+             "plus backward passes spent erasing; – is a stage the run skipped or has none.", "",
              "| method | H | Acc_E | Acc_R | Acc_L | soft attack (n) | attack, 3× steps | "
              "UNet passes |", "|---|---|---|---|---|---|---|---|"]
     for r in board["rows"]:
@@ -139,7 +158,8 @@ def to_picture(board: dict, size: tuple[int, int] = (640, 480)) -> Image.Image:
     d = ImageDraw.Draw(img)
     x0, y0, x1, y1 = 60, 30, w - 20, h - 50
     d.rectangle((x0, y0, x1, y1), outline="black")
-    rows = [r for r in board["rows"] if r["h"] is not None]
+    rows = [r for r in board["rows"]  # a run that skipped the attack has no point
+            if r["h"] is not None and r["attack_success_soft"] is not None]
     lo_h = min([r["h"] for r in rows] + [1.0])
     lo_h = max(0.0, min(lo_h - 0.05, 0.9))
 
