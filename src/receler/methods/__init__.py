@@ -1,4 +1,5 @@
-"""Erasure methods in one harness: Receler and its ablations, ESD-x, ESD-u, UCE and SLD.
+"""Erasure methods in one harness: Receler and its ablations, ESD-x, ESD-u, UCE, RECE,
+SPEED and SLD.
 
     from receler.methods import METHODS, erase_with, load_edit, remove_edit
 
@@ -8,6 +9,7 @@
 
 from .edits import EDIT_FILE, EditConfig
 from .esd import EsdTrainer, esd_parameter_names
+from .rece import ReceOptions, rece_weights
 from .registry import (
     METHODS,
     Method,
@@ -21,11 +23,12 @@ from .registry import (
     trainable_parameters,
 )
 from .sld import SldOptions
+from .speed import SpeedOptions, speed_weights
 from .uce import UceOptions, uce_parameter_names, uce_weights
 
 __all__ = [
-    "EDIT_FILE", "METHODS", "EditConfig", "EsdTrainer", "Method", "SldOptions", "UceOptions",
-    "edit_disabled", "erase_with", "esd_parameter_names", "get_method", "load_edit",
-    "method_config", "method_options", "remove_edit", "trainable_parameters",
-    "uce_parameter_names", "uce_weights",
+    "EDIT_FILE", "METHODS", "EditConfig", "EsdTrainer", "Method", "ReceOptions", "SldOptions",
+    "SpeedOptions", "UceOptions", "edit_disabled", "erase_with", "esd_parameter_names", "get_method", "load_edit",
+    "method_config", "method_options", "rece_weights", "remove_edit", "speed_weights",
+    "trainable_parameters", "uce_parameter_names", "uce_weights",
 ]

@@ -7,7 +7,8 @@ dispatching on ``eraser_config.json``'s ``method``; ``remove_edit(pipe)`` undoes
 whatever was applied and ``edit_disabled(pipe)`` runs the base model for a block.
 
 Every method reads the shared :class:`~receler.config.TrainConfig` (only the fields
-listed in its :class:`Method` entry) and, for UCE and SLD, an options dataclass.
+listed in its :class:`Method` entry) and, for the closed-form edits (UCE, RECE) and SLD,
+an options dataclass.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ from .edits import (
 )
 from .esd import PAPER_DEFAULTS as ESD_PAPER_DEFAULTS
 from .esd import EsdTrainer, count_esd_parameters
+from .rece import ReceOptions, rece_weights
 from .sld import SldOptions, attach_sld, get_sld, remove_sld
+from .speed import SpeedOptions, speed_parameter_names, speed_weights
 from .uce import UceOptions, count_uce_parameters, uce_weights
 
 logger = logging.getLogger(__name__)
@@ -95,9 +98,27 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            _ESD_FIELDS, paper_defaults=ESD_PAPER_DEFAULTS, resumable=True, files=(EDIT_FILE,)),
     Method("uce", "UCE: closed-form edit of attn2.to_k/to_v mapping the concept to an anchor",
            ("concepts",), options=UceOptions, files=(EDIT_FILE,)),
+    Method("rece", "RECE: UCE, then rounds that derive the embedding still regenerating the "
+           "concept (closed form) and erase it too", ("concepts",), options=ReceOptions,
+           files=(EDIT_FILE,)),
+    Method("speed", "SPEED: closed-form edit of attn2.to_v (or to_k) in the null space of the "
+           "retained concepts' embeddings", ("concepts",), options=SpeedOptions,
+           files=(EDIT_FILE,)),
     Method("sld", "SLD: safety guidance at inference (hooks on the UNet), nothing trained",
            ("concepts",), options=SldOptions),
 ]}
+
+
+# Closed-form weight edits: (pipe, concepts, options) -> (UNet weights, extra stats).
+_CLOSED_FORM: dict[str, Callable[..., tuple[dict, dict]]] = {
+    "uce": lambda pipe, concepts, opts: (uce_weights(pipe, concepts, opts), {}),
+    "rece": lambda pipe, concepts, opts: _with_rounds(*rece_weights(pipe, concepts, opts)),
+    "speed": speed_weights,
+}
+
+
+def _with_rounds(weights: dict, rounds: list[dict]) -> tuple[dict, dict]:
+    return weights, {"rounds": rounds}
 
 
 def get_method(name: str) -> Method:
@@ -133,13 +154,19 @@ def method_options(name: str, options: Any = None) -> Any:
                     f"not {type(options).__name__}")
 
 
-def trainable_parameters(name: str, pipe, config: TrainConfig | None = None) -> int:
-    """Parameters the method changes on ``pipe.unet`` (erasers for Receler, 0 for SLD)."""
+def trainable_parameters(name: str, pipe, config: TrainConfig | None = None, *,
+                         options: Any = None) -> int:
+    """Parameters the method changes on ``pipe.unet`` (erasers for Receler, 0 for SLD);
+    ``options`` matter for SPEED (which projections it edits)."""
     unet = pipe.unet
     if name.startswith("esd-"):
         return count_esd_parameters(unet, name)
-    if name == "uce":
+    if name in ("uce", "rece"):
         return count_uce_parameters(unet)
+    if name == "speed":
+        params = dict(unet.named_parameters())
+        names = speed_parameter_names(unet, method_options(name, options).params)
+        return sum(params[n].numel() for n in names)
     if name == "sld":
         return 0
     get_method(name)
@@ -198,7 +225,8 @@ def erase_with(name: str, pipe, config: TrainConfig, out_dir: str | Path, *,
             (the Receler ablations override theirs with ``METHODS[name].preset``).
         out_dir: result folder (refused if it already holds one, unless ``overwrite``).
         base_model: recorded in ``eraser_config.json``.
-        options: UCE/SLD settings (:class:`UceOptions`, :class:`SldOptions` or a dict).
+        options: the method's settings (:class:`UceOptions`, :class:`ReceOptions`,
+            :class:`SpeedOptions`, :class:`SldOptions` or a dict); ``None``: its defaults.
         callbacks: ``cb(trainer, result)`` after each iteration (Receler and ESD).
 
     Returns:
@@ -235,14 +263,14 @@ def erase_with(name: str, pipe, config: TrainConfig, out_dir: str | Path, *,
         if not resume:
             start_work_dir(final_dir, out_dir)
         result = trainer.train(resume=resume)
-    elif name == "uce":
-        edited = uce_weights(pipe, list(config.concepts), opts)
+    elif name in _CLOSED_FORM:
+        edited, extra = _CLOSED_FORM[name](pipe, list(config.concepts), opts)
         start_work_dir(final_dir, out_dir)
         apply_unet_edit(unet, edited, method=name)
         save_unet_edit(unet, list(edited), out_dir, method=name)
         result = EditConfig(**common, rank=0, stats={
-            "trainable_parameters": count_uce_parameters(unet), "unet_forward": 0,
-            "unet_backward": 0, "seconds": time.perf_counter() - start})
+            "trainable_parameters": sum(edited[n].numel() for n in edited), "unet_forward": 0,
+            "unet_backward": 0, "seconds": time.perf_counter() - start, **extra})
     else:  # sld: "training" is saving its settings
         attach_sld(pipe, list(config.concepts), opts)
         start_work_dir(final_dir, out_dir)

@@ -116,8 +116,37 @@ def uce_rows(pipe, concept: str, anchor: str) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def uce_weights(pipe, concepts: list[str], options: UceOptions) -> dict[str, torch.Tensor]:
-    """The edited ``to_k``/``to_v`` weights, keyed by UNet parameter name (UNet untouched)."""
+def closed_form_edit(weights: dict[str, torch.Tensor], c_erase: torch.Tensor,
+                     c_anchor: torch.Tensor, c_keep: torch.Tensor, *, lamb: float,
+                     erase_scale: float, preserve_scale: float) -> dict[str, torch.Tensor]:
+    """UCE's solve for every weight ``W`` of ``weights`` (float64 in, float64 out):
+
+    ``W* = (λ W + s_e (W c_a)ᵀ c_e + s_p (W c_k)ᵀ c_k) (λ I + s_e c_eᵀ c_e + s_p c_kᵀ c_k)⁻¹``
+
+    Args:
+        weights: ``{name: (out, d)}``, the weights the edit starts from (and stays close to).
+        c_erase: ``(R, d)`` rows that should read as ``c_anchor``'s rows.
+        c_anchor: ``(R, d)`` rows aligned with ``c_erase``.
+        c_keep: ``(K, d)`` rows whose outputs are kept (``K`` may be 0).
+    """
+    eye = torch.eye(c_erase.shape[1], dtype=torch.float64, device=c_erase.device)
+    rhs = (lamb * eye + erase_scale * c_erase.T @ c_erase
+           + preserve_scale * c_keep.T @ c_keep)  # (d, d), symmetric
+    edited = {}
+    for name, w in weights.items():
+        if w.shape[1] != c_erase.shape[1]:
+            raise ValueError(f"{name} takes {w.shape[1]}-dim text embeddings, the text encoder "
+                             f"gives {c_erase.shape[1]}: a closed-form edit needs them to match")
+        v_star = c_anchor @ w.T  # (R, out): what the anchor reads as
+        lhs = (lamb * w + erase_scale * v_star.T @ c_erase
+               + preserve_scale * (c_keep @ w.T).T @ c_keep)  # (out, d)
+        edited[name] = torch.linalg.solve(rhs, lhs.T).T  # lhs · rhs⁻¹
+    return edited
+
+
+def uce_inputs(pipe, concepts: list[str], options: UceOptions
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """UCE's ``(c_erase, c_anchor, c_keep)`` rows in float64 (see the module docstring)."""
     erase = [uce_rows(pipe, c, a) for c, a in zip(concepts, options.anchors(concepts),
                                                   strict=True)]
     c_erase = torch.cat([c for c, _ in erase]).double()  # (R, d)
@@ -125,17 +154,21 @@ def uce_weights(pipe, concepts: list[str], options: UceOptions) -> dict[str, tor
     keep = options.preserved_prompts
     c_keep = (encode(pipe, keep).hidden.flatten(0, 1).double() if keep
               else c_erase.new_zeros((0, c_erase.shape[1])))  # (P·T, d), every position
+    return c_erase, c_anchor, c_keep
+
+
+def original_weights(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The ``to_k``/``to_v`` weights of every cross-attention layer, float64 copies."""
+    params = dict(unet.named_parameters())
+    return {n: params[n].detach().double() for n in uce_parameter_names(unet)}
+
+
+@torch.no_grad()
+def uce_weights(pipe, concepts: list[str], options: UceOptions) -> dict[str, torch.Tensor]:
+    """The edited ``to_k``/``to_v`` weights, keyed by UNet parameter name (UNet untouched)."""
+    c_erase, c_anchor, c_keep = uce_inputs(pipe, concepts, options)
     params = dict(pipe.unet.named_parameters())
-    s_e, s_p, lamb = options.erase_scale, options.scale_preserved, options.lamb
-    eye = torch.eye(c_erase.shape[1], dtype=torch.float64, device=c_erase.device)
-    rhs = lamb * eye + s_e * c_erase.T @ c_erase + s_p * c_keep.T @ c_keep  # (d, d), symmetric
-    edited = {}
-    for name in uce_parameter_names(pipe.unet):
-        w = params[name].detach().double()  # (out, d)
-        if w.shape[1] != c_erase.shape[1]:
-            raise ValueError(f"{name} takes {w.shape[1]}-dim text embeddings, the text encoder "
-                             f"gives {c_erase.shape[1]}: UCE needs them to match")
-        v_star = c_anchor @ w.T  # (R, out): what the anchor reads as
-        lhs = lamb * w + s_e * v_star.T @ c_erase + s_p * (c_keep @ w.T).T @ c_keep  # (out, d)
-        edited[name] = torch.linalg.solve(rhs, lhs.T).T.to(params[name].dtype)  # lhs · rhs⁻¹
-    return edited
+    edited = closed_form_edit(original_weights(pipe.unet), c_erase, c_anchor, c_keep,
+                              lamb=options.lamb, erase_scale=options.erase_scale,
+                              preserve_scale=options.scale_preserved)
+    return {n: w.to(params[n].dtype) for n, w in edited.items()}

@@ -1,0 +1,151 @@
+"""RECE, SPEED and SLD's presets on the tiny pipeline: what each edit changes, where the
+concept and the preserved prompts go, round trips through files, and bad options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from receler import TrainConfig, load_pipeline
+from receler.methods import (
+    EDIT_FILE,
+    erase_with,
+    load_edit,
+    method_options,
+    remove_edit,
+    trainable_parameters,
+    uce_parameter_names,
+    uce_weights,
+)
+from receler.methods.rece import ReceOptions, derive_embedding, rece_weights, regeneration_gap
+from receler.methods.speed import SpeedOptions, speed_parameter_names, speed_weights
+from receler.methods.uce import UceOptions, original_weights
+from receler.pipeline import encode, unet_eps
+from receler.serialization import read_tensors
+
+CONCEPT, ANCHOR, KEPT = "car", "", ["dog", "cat"]
+
+
+def unet_state(pipe) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in pipe.unet.named_parameters()}
+
+
+def eps(pipe, prompt: str) -> torch.Tensor:
+    """The UNet's noise prediction for ``prompt`` on fixed latents at t = 500."""
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return unet_eps(pipe.unet, z, 500, encode(pipe, [prompt] * 2))
+
+
+# (method, options, edited projections, bound on the concept's move toward the anchor)
+# The bound is on ‖ε'(concept) − ε(anchor)‖ / ‖ε(concept) − ε(anchor)‖. SPEED edits only
+# the concept word's row, and the tiny random text encoder's later rows (end and padding)
+# do not carry the word as CLIP's do, so its prediction moves little; the layer-level check
+# below is the exact one.
+EDITS = [
+    ("rece", {"preserve": KEPT}, ("to_k", "to_v"), 0.4),
+    ("rece", {"preserve": KEPT, "rounds": 3, "reg": 0.1}, ("to_k", "to_v"), 0.4),
+    ("speed", {"preserve": KEPT}, ("to_v",), 0.99),
+    ("speed", {"preserve": KEPT, "params": "KV"}, ("to_k", "to_v"), 0.95),
+]
+
+
+@pytest.mark.parametrize("name, options, projections, bound", EDITS)
+def test_edit_changes_only_attn2_kv_moves_the_concept_keeps_the_rest_and_reloads(
+        name, options, projections, bound, pipe, tiny_model_dir, tmp_path):
+    before = unet_state(pipe)
+    base = {p: eps(pipe, p) for p in (CONCEPT, ANCHOR, *KEPT)}
+    result = erase_with(name, pipe, TrainConfig(concepts=CONCEPT), tmp_path, options=options)
+    after = unet_state(pipe)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    expected = {n for n in uce_parameter_names(pipe.unet) if n.split(".")[-2] in projections}
+    assert changed == expected and all(".attn2.to_" in n for n in changed)
+    assert set(read_tensors(tmp_path / EDIT_FILE)[0]) == expected
+    assert result.stats["trainable_parameters"] == trainable_parameters(name, pipe,
+                                                                        options=options)
+    assert result.stats["unet_forward"] == 0 and result.options["preserve"] == KEPT
+
+    # Layer level: the concept word's row now reads (nearly) as the anchor's row.
+    c, a = encode(pipe, [CONCEPT]).hidden[0, 1], encode(pipe, [ANCHOR]).hidden[0, 0]
+    gap = lambda w: sum((c @ w[n].T - a @ before[n].T).norm() for n in expected)  # noqa: E731
+    assert gap(after) < 0.8 * gap(before)
+    # UNet level: the concept's prediction moves toward the anchor's ...
+    moved = (eps(pipe, CONCEPT) - base[ANCHOR]).norm() / (base[CONCEPT] - base[ANCHOR]).norm()
+    assert moved < bound, moved
+    # ... and the preserved prompts' stay close: closer than without preserving them.
+    drift = {p: ((eps(pipe, p) - base[p]).norm() / base[p].norm()).item() for p in KEPT}
+    fresh = load_pipeline(str(tiny_model_dir), device="cpu")
+    assert load_edit(fresh, tmp_path).method == name
+    loaded = unet_state(fresh)
+    assert all(torch.equal(loaded[k], after[k]) for k in after)  # the same weights, exactly
+
+    remove_edit(pipe)
+    erase_with(name, pipe, TrainConfig(concepts=CONCEPT), tmp_path / "b",
+               options={**options, "preserve": []})
+    for p in KEPT:
+        unpreserved = ((eps(pipe, p) - base[p]).norm() / base[p].norm()).item()
+        assert drift[p] < 0.03 and drift[p] < unpreserved, (p, drift[p], unpreserved)
+
+
+def test_rece_without_rounds_is_uce_and_each_round_erases_its_derived_embedding(pipe):
+    opts = ReceOptions(preserve=KEPT, rounds=0)
+    uce = uce_weights(pipe, [CONCEPT], UceOptions(preserve=KEPT))
+    weights, rounds = rece_weights(pipe, [CONCEPT], opts)
+    assert rounds == [] and all(torch.equal(weights[n], uce[n]) for n in uce)
+
+    w0 = original_weights(pipe.unet)
+    w1 = {n: w.double() for n, w in uce.items()}
+    c = encode(pipe, [CONCEPT]).hidden[0].double()  # (T, d), every position
+    derived = derive_embedding(w1, w0, c, 1e-3)
+    # c' minimises Σ‖W₁ c' − W₀ c‖² + ρ‖c'‖²: the gradient vanishes there
+    grad = sum((derived @ w.T - c @ w0[n].T) @ w for n, w in w1.items()) + 1e-3 * derived
+    assert grad.abs().max() < 1e-8 * max(1.0, float(c.abs().max()))
+    gap_c, gap_d = regeneration_gap(w1, w0, c, c), regeneration_gap(w1, w0, derived, c)
+    assert gap_d < gap_c  # under UCE's edit, c' brings the concept back better than c
+
+    weights, rounds = rece_weights(pipe, [CONCEPT], ReceOptions(preserve=KEPT, rounds=1))
+    assert rounds[0]["gap_concept"] == pytest.approx(gap_c)
+    assert rounds[0]["gap_derived"] == pytest.approx(gap_d)
+    w2 = {n: w.double() for n, w in weights.items()}
+    assert regeneration_gap(w2, w0, derived, c) > gap_d + 0.05  # the round erased c'
+    assert regeneration_gap(w2, w0, c, c) > gap_c  # and the concept stays erased
+
+
+def test_speed_keeps_retained_and_prior_rows_exactly_and_erases_several_concepts(pipe):
+    opts = SpeedOptions(preserve=[*KEPT, "a red car"], aug_num=0, params="KV")
+    weights, info = speed_weights(pipe, ["car", "truck"], opts)
+    assert info["retain_prompts"] == 2  # "a red car" names an erased concept: dropped
+    w0 = original_weights(pipe.unet)
+    null = encode(pipe, [""]).hidden[0].double()
+    retained = torch.stack([encode(pipe, [p]).hidden[0, 1].double() for p in KEPT])  # last word
+    for n, w in weights.items():
+        delta = w.double() - w0[n]
+        # retained rows lie outside the null space: ΔW r = 0 up to float32 storage
+        assert (retained @ delta.T).norm() < 1e-5 * (retained @ w0[n].T).norm(), n
+        assert (null[:1] @ delta.T).norm() < 1e-5 * (null[:1] @ w0[n].T).norm(), n  # prior row
+    for concept in ("car", "truck"):
+        c, a = encode(pipe, [concept]).hidden[0, 1].double(), null[1]
+        before = sum((c @ w0[n].T - a @ w0[n].T).norm() for n in weights)
+        after = sum((c @ w.double().T - a @ w0[n].T).norm() for n, w in weights.items())
+        assert after < 0.9 * before, concept
+    assert set(weights) == set(speed_parameter_names(pipe.unet, "KV"))
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("rece", {"rounds": -1}, "RECE rounds must be a whole number >= 0"),
+    ("rece", {"reg": 0}, "RECE reg must be > 0"),
+    ("rece", {"round_lamb": "x"}, "RECE round_lamb must be a number >= 0"),
+    ("speed", {"params": "Q"}, "SPEED params must be one of V, K, KV"),
+    ("speed", {"aug_num": 1.5}, "SPEED aug_num must be a whole number"),
+    ("speed", {"tokens": "first"}, "SPEED tokens must be auto, last or all"),
+    ("speed", {"retain_scale": 0}, "SPEED retain_scale must be > 0"),
+    ("speed", {"anchor": ["a", "b"], "_concepts": ["car"]}, "2 SPEED anchors for 1 concepts"),
+    ("rece", {"speed": 1}, "rece has no option 'speed'"),
+])
+def test_bad_options_are_one_line_errors(name, options, message, pipe, tmp_path):
+    concepts = options.pop("_concepts", ["car"])
+    with pytest.raises((ValueError, TypeError)) as info:
+        opts = method_options(name, options)
+        erase_with(name, pipe, TrainConfig(concepts=concepts), tmp_path, options=opts)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / EDIT_FILE).exists()
