@@ -80,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     p.add_argument("--method", default="receler",
                    help="receler (default), receler-eraser-only, receler-eraser-reg, "
-                        "receler-eraser-adv, esd-x, esd-u, uce or sld")
+                        "receler-eraser-adv, esd-x, esd-u, uce, rece, speed or sld")
     p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
-                   help="a UCE/SLD setting, e.g. anchor=\"a photo\" or guidance=1000 (repeatable)")
+                   help="a UCE/RECE/SPEED/SLD setting, e.g. anchor=\"a photo\", rounds=2 or "
+                        "preset=max (repeatable; replaces the model's recommended options)")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace erasers already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -218,18 +219,25 @@ def _resume_command(argv: list[str]) -> str:
 
 
 def cmd_erase(args, argv: list[str]) -> int:
+    from .config import model_method_options
     from .methods import erase_with, method_options
     from .serialization import check_out_dir
 
     config = _train_config(args, args.concept, args.method)  # validates first
     _note_unknown_toy_words(args.model, config.concepts)
-    options = method_options(args.method, _method_options(args.method_option))
+    options = _method_options(args.method_option)  # None: the model's recommendation
+    if options is None and args.preset is not None:
+        options = {}  # a preset skips the model's recommendations, as for the settings
+    method_options(args.method, options)  # validates first
     check_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
 
     from .loop import TrainingDiverged, TrainingInterrupted  # heavy imports after the checks
     from .pipeline import default_model
 
     model = args.model or default_model()
+    if options is None and (recommended := model_method_options(model, args.method)):
+        print(f"model's recommended {args.method} options: {recommended} (--method-option "
+              "replaces them)", file=sys.stderr)
     pipe = _load(args, model)
     try:
         result = erase_with(args.method, pipe, config, args.out, base_model=model,
@@ -300,6 +308,7 @@ def cmd_protocol(args) -> int:
     if len(args.concept) != 1:
         raise ValueError("protocol measures one concept: pass --concept once")
     concept = args.concept[0]
+    skip = _skip_stages(args.skip)  # before the training settings are announced
     source = next((n for n in SOURCES if getattr(args, n) is not None), None)
     if source is None:
         train = _train_config(args, [concept], args.method or "receler")
@@ -320,7 +329,7 @@ def cmd_protocol(args) -> int:
                          attack=AttackConfig(steps=args.attack_steps, tokens=args.attack_tokens),
                          base_dir=args.base_dir, erasers=args.erasers, unet=args.unet,
                          text_encoder=args.text_encoder, lora=args.lora, name=args.name,
-                         skip=_skip_stages(args.skip), sample_steps=args.sample_steps,
+                         skip=skip, sample_steps=args.sample_steps,
                          deterministic=args.deterministic)
     protocol = Protocol(cfg)  # checks a model erased elsewhere before anything loads
     _say_safety_checker_off()

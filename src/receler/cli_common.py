@@ -67,5 +67,7 @@ def _add_candidate_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _skip_stages(values: list[str] | None) -> tuple[str, ...]:
-    """``--skip a,b --skip c`` as ``("a", "b", "c")``."""
-    return tuple(s.strip() for v in values or () for s in v.split(",") if s.strip())
+    """``--skip a,b --skip c`` as ``("a", "b", "c")``, checked."""
+    from .protocol import skip_stages
+
+    return skip_stages(",".join(values or ()))

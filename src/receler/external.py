@@ -126,6 +126,8 @@ class LoraCandidate(Candidate):
         if not _lora_layers(pipe):
             raise ValueError(f"--lora {self.file} holds no LoRA weights for this model's UNet "
                              "or text encoder: pass a diffusers LoRA file trained on it")
+        for part in ("unet", "text_encoder"):  # measured, not trained: no gradients kept
+            getattr(pipe, part).requires_grad_(False)
 
     @contextmanager
     def base(self, pipe) -> Iterator[None]:

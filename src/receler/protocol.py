@@ -124,18 +124,23 @@ class ProtocolConfig:
             if self.train.concepts != [self.concept]:
                 raise ValueError(f"the protocol erases one concept; got train concepts "
                                  f"{self.train.concepts} for concept {self.concept!r}")
-        self.skip = tuple(dict.fromkeys(
-            self.skip.split(",") if isinstance(self.skip, str) else self.skip))
-        unknown = [s for s in self.skip if s not in STAGES]
-        if unknown:
-            raise ValueError(f"unknown stage {unknown[0]!r} to skip: choose from "
-                             f"{', '.join(STAGES)}")
+        self.skip = skip_stages(self.skip)
         for name in ("per_class", "concept_rows", "attack_images", "attack_prompts",
                      "attack_stronger"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.sample_steps is not None and self.sample_steps < 1:
             raise ValueError(f"sample_steps must be at least 1, got {self.sample_steps}")
+
+
+def skip_stages(skip: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Stage names to skip (``"a,b"`` or a sequence), checked against :data:`STAGES`."""
+    names = skip.split(",") if isinstance(skip, str) else skip
+    names = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage {unknown[0]!r} to skip: choose from {', '.join(STAGES)}")
+    return names
 
 
 def select_rows(cfg: ProtocolConfig) -> dict[str, list[PromptRow]]:
