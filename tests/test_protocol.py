@@ -131,3 +131,81 @@ def test_checkpointed_run_with_other_settings_is_refused(prompt_sets, tiny_model
     assert settings_mismatch("receler-eraser-reg", train, saved) is None
     saved.train["reg_weight"] = 2.0
     assert settings_mismatch("receler-eraser-reg", train, saved) == "reg_weight=2.0, not 0.1"
+
+
+def tiny_config(tmp_path, model_dir, prompt_sets, **kw) -> ProtocolConfig:
+    kw.setdefault("train", TrainConfig(concepts="car", iterations=2, ddim_steps=2, adv_steps=1,
+                                       adv_tokens=2, rank=2))
+    return ProtocolConfig(
+        concept="car", out=tmp_path / "run", model=str(model_dir), detector="colour",
+        per_class=1, concept_rows=1, attack_images=1, attack_prompts=1, prompts=prompt_sets,
+        attack=AttackConfig(tokens=1, steps=1, sweeps=1, candidates=2, target_images=1,
+                            noise_draws=1), **kw)
+
+
+def without_timing(value):
+    """``value`` less wall times, and less fingerprints: they hold the erasers' file times."""
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items()
+                if k not in ("seconds", "fingerprint", "latency_base_s", "latency_s",
+                             "overhead_ratio")}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
+
+
+def test_the_protocol_is_deterministic(tiny_model_dir, prompt_sets, colour_detector, tmp_path):
+    import shutil
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, prompt_sets, skip=("latency",),
+                      deterministic=True)
+    first = Protocol(cfg, show_progress=False).run()
+    shutil.rmtree(cfg.out)  # erase, generate and attack again from nothing
+    second = Protocol(cfg, show_progress=False).run()
+    assert first["attack_n"] == 1 and first["train"]["unet_backward"] > 0  # every stage ran
+    assert without_timing(first) == without_timing(second)
+    import torch
+
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
+
+
+def test_skipped_stages_are_null(tiny_model_dir, prompt_sets, colour_detector, tmp_path):
+    cfg = tiny_config(tmp_path, tiny_model_dir, prompt_sets, method="uce", train=None,
+                      skip="latency,attack,two-object")
+    res = Protocol(cfg, show_progress=False).run()
+    assert res["schema_version"] == 1 and res["skipped"] == ["latency", "attack", "two-object"]
+    for key in ("attack_success_soft", "attack_ci", "attack_success_discrete", "attack",
+                "latency_s", "overhead_ratio", "two_object_locality"):
+        assert res[key] is None and res["base"].get(key) is None, key
+    assert "two_object" not in res["rows"] and res["acc_e"] is not None
+    with pytest.raises(ValueError, match="unknown stage 'lunch' to skip: choose from latency"):
+        tiny_config(tmp_path, tiny_model_dir, prompt_sets, skip=("lunch",))
+
+
+def test_a_base_folder_made_differently_is_refused(tiny_model_dir, prompt_sets, colour_detector,
+                                                   tmp_path):
+    from receler.image_keys import KEY_FILE, mismatch
+
+    base = tmp_path / "base"
+    cfg = tiny_config(tmp_path, tiny_model_dir, prompt_sets, method="uce", train=None,
+                      skip="latency,attack,two-object", base_dir=base, sample_steps=2)
+    res = Protocol(cfg, show_progress=False).run()
+    key = res["base_key"]
+    assert key["file"] == str(base / KEY_FILE) and key["model"] == str(tiny_model_dir)
+    assert key["sampler"]["steps"] == 2 and key["prompts"]["simple"]["rows"] == 3
+    # more prompts per class extend the folder; other sampler settings are refused
+    more = dataclasses.replace(cfg, out=tmp_path / "more", per_class=2)
+    assert Protocol(more, show_progress=False).run()["base_key"]["prompts"]["simple"]["rows"] == 6
+    steps = dataclasses.replace(cfg, out=tmp_path / "steps", sample_steps=3)
+    with pytest.raises(ValueError, match=r"--base-dir .* \(sampler.steps: 2 against 3;"):
+        Protocol(steps, show_progress=False).run()
+    # the same file name made from another prompt is named
+    stored = json.loads((base / KEY_FILE).read_text())
+    new = json.loads(json.dumps(stored))
+    new["images"]["simple"]["0"][0] = "a photo of a dog"
+    assert mismatch(stored, new) == ("simple/0_0.png: prompt 'a photo of a car' seed 0 "
+                                     "against prompt 'a photo of a dog' seed 0")
+    # images without a key (an older receler, or by hand) may not fit: refused
+    (base / KEY_FILE).unlink()
+    with pytest.raises(ValueError, match="holds images but no images_key.json"):
+        Protocol(dataclasses.replace(cfg, out=tmp_path / "again"), show_progress=False).run()
