@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from receler.cli import main
-from receler.leaderboard import build, first_difference
+from receler.leaderboard import build, first_difference, to_markdown, to_picture
 
 
 def result(method: str, h: float, attack_rate: float, **config) -> dict:
@@ -83,3 +83,30 @@ def test_missing_and_foreign_files(tmp_path):
     with pytest.raises(ValueError, match="not a protocol result"):
         build([tmp_path])
     assert first_difference({"a": {"b": 1}}, {"a": {"b": 1}}) is None
+
+
+def test_models_made_elsewhere_and_skipped_stages(tmp_path):
+    unet = result("unet", 0.95, 0.3)
+    unet.update(name="unet:my-finetune", candidate={"kind": "unet"}, train=None,
+                config={**unet["config"], "unet": "/models/my-finetune", "skip": ["attack"]})
+    unet.update(attack_success_soft=None, attack_n=None, attack_ci=None)
+    a = write_run(tmp_path / "a", result("receler", 0.99, 0.1))
+    b = write_run(tmp_path / "b", unet)
+    board = build([a, b])
+    assert [(r["label"], r["kind"]) for r in board["rows"]] == [("receler", "erase"),
+                                                                 ("unet:my-finetune", "unet")]
+    line = to_markdown(board).splitlines()[-1]
+    assert line.startswith("| unet:my-finetune | 0.950 |") and line.endswith("| – | – | – |")
+    assert to_picture(board).size == (640, 480)  # the run without an attack has no point
+
+
+def test_base_images_and_schema_are_checked(tmp_path):
+    key = {"sampler": {"steps": 50}, "prompts": {"simple": {"rows": 100, "digest": "aa"}}}
+    a = write_run(tmp_path / "a", result("receler", 0.99, 0.1) | {"base_key": key})
+    other = {**key, "prompts": {"simple": {"rows": 100, "digest": "bb"}}}
+    b = write_run(tmp_path / "b", result("uce", 0.9, 0.5) | {"base_key": other})
+    with pytest.raises(ValueError, match="base_images.prompts.simple.digest: 'aa' against 'bb'"):
+        build([a, b])
+    c = write_run(tmp_path / "c", result("uce", 0.9, 0.5) | {"schema_version": 2})
+    with pytest.raises(ValueError, match="schema_version 2, newer than this receler reads"):
+        build([c])
