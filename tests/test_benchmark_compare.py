@@ -60,7 +60,7 @@ def test_latency_is_measured_again_alone_and_used_in_the_row(compare, tiny_model
     # the two differ); --collect checks and reuses both finished folders and writes the
     # per-seed rows, their spread and the picture.
     flags = ("--iterations 2 --ddim-steps 3 --adv-steps 0 --rank 4 --per-class 1 "
-             "--concept-rows 1 --attack-images 1 --attack-steps 1")
+             "--concept-rows 1 --attack-images 1 --attack-steps 1 --attack-tokens 1")
     label = f"receler ({flags})"
     work = tmp_path / "bench"
     seed0, seed3 = (compare.run_folder(work / "quick", "car", label, s) for s in (0, 3))
@@ -91,6 +91,11 @@ def test_latency_is_measured_again_alone_and_used_in_the_row(compare, tiny_model
     assert spread["h"] == pytest.approx((res["h"] + 0.25) / 2)
     assert spread["h_sd"] == pytest.approx(statistics.stdev([res["h"], 0.25]))
     assert spread["acc_l_min"] == pytest.approx(res["acc_l"] / 2)
+    # both seeds' attacked images pooled into one rate with its interval
+    pooled = spread["attack_pooled"]
+    assert pooled["n"] == 2 * res["attack_n"] == 2 * rows[1]["attack_n"]
+    assert pooled["ci"][0] <= pooled["rate"] <= pooled["ci"][1]
+    assert rows[1]["attack_ci"] == res["attack_ci"]
     md = table.with_suffix(".md").read_text()
     assert "| seed |" in md and "Across training seeds 0,3" in md
     # the picture: base and seed 0's run, the concept's images then the other classes'
@@ -167,10 +172,15 @@ def test_published_recipe_and_variants_are_flags_the_protocol_accepts(compare):
     def parsed(flags):
         return build_parser().parse_args(["protocol", "--concept", "star", "--out", "x", *flags])
 
-    pub = parsed(compare.PUBLISHED["flags"])
+    from receler.cli import _train_config
+
+    assert compare.PUBLISHED["label"] == "receler (paper)"
+    pub = _train_config(parsed(compare.PUBLISHED["flags"]), "star", "receler", quiet=True)
+    # the official code's settings, none of the toy model's recommendations
     assert (pub.iterations, pub.adv_steps, pub.ddim_steps, pub.adv_start) == (500, 50, 50, 0)
-    # the settings of its stored run
-    assert (pub.anchor_weight, pub.reg_weight, pub.rank) == (0.0, 5.0, 128)
+    assert (pub.anchor_weight, pub.reg_weight, pub.rank, pub.lr) == (0.0, 0.1, 128, 3e-4)
+    assert (pub.adv_lr, pub.adv_init, pub.erase_on, pub.mask_source) == (
+        0.1, "uniform", "attacked", "attention")
 
     v = compare.variant("--reg-weight 5 --seed 1")
     assert v["label"] == "receler (--reg-weight 5 --seed 1)" and v["method"] == "receler"
