@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from receler import TrainConfig, load_pipeline
+from receler.config import model_erase_defaults, model_method_options
 from receler.methods import (
     EDIT_FILE,
     erase_with,
@@ -18,6 +19,7 @@ from receler.methods import (
     uce_weights,
 )
 from receler.methods.rece import ReceOptions, derive_embedding, rece_weights, regeneration_gap
+from receler.methods.sld import SldOptions, get_sld
 from receler.methods.speed import SpeedOptions, speed_parameter_names, speed_weights
 from receler.methods.uce import UceOptions, original_weights
 from receler.pipeline import encode, unet_eps
@@ -141,6 +143,8 @@ def test_speed_keeps_retained_and_prior_rows_exactly_and_erases_several_concepts
     ("speed", {"retain_scale": 0}, "SPEED retain_scale must be > 0"),
     ("speed", {"anchor": ["a", "b"], "_concepts": ["car"]}, "2 SPEED anchors for 1 concepts"),
     ("rece", {"speed": 1}, "rece has no option 'speed'"),
+    ("sld", {"preset": "ultra"}, "unknown SLD preset 'ultra': choose one of weak, medium"),
+    ("sld", {"warmup": 2.5}, "SLD warmup must be a whole number"),
 ])
 def test_bad_options_are_one_line_errors(name, options, message, pipe, tmp_path):
     concepts = options.pop("_concepts", ["car"])
@@ -149,3 +153,75 @@ def test_bad_options_are_one_line_errors(name, options, message, pipe, tmp_path)
         erase_with(name, pipe, TrainConfig(concepts=concepts), tmp_path, options=opts)
     assert message in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / EDIT_FILE).exists()
+
+
+@pytest.mark.parametrize("preset", ["weak", "medium", "strong", "max"])
+def test_sld_presets_are_diffusers_safety_configs_and_settings_override_them(preset):
+    from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
+
+    published = getattr(SafetyConfig, preset.upper())
+    names = {"guidance": "sld_guidance_scale", "warmup": "sld_warmup_steps",
+             "threshold": "sld_threshold", "momentum": "sld_momentum_scale",
+             "beta": "sld_mom_beta"}
+    opts = SldOptions(preset=preset)
+    assert {k: getattr(opts, k) for k in names} == {k: published[v] for k, v in names.items()}
+    mixed = SldOptions(preset=preset, warmup=3)
+    assert mixed.warmup == 3 and mixed.guidance == published["sld_guidance_scale"]
+    assert SldOptions().preset == "medium"
+
+
+def test_sld_preset_round_trips_and_the_model_can_recommend_options(pipe, tiny_model_dir,
+                                                                    tmp_path):
+    import json
+    import shutil
+
+    result = erase_with("sld", pipe, TrainConfig(concepts=CONCEPT), tmp_path / "a",
+                        options={"preset": "max"})
+    assert result.options["preset"] == "max" and result.options["warmup"] == 0
+    fresh = load_pipeline(str(tiny_model_dir), device="cpu")
+    load_edit(fresh, tmp_path / "a")
+    assert get_sld(fresh.unet).options == SldOptions(preset="max")
+
+    model = tmp_path / "model"  # a model folder that recommends SLD-Strong
+    shutil.copytree(tiny_model_dir, model)
+    defaults = json.loads((model / "receler_defaults.json").read_text())
+    defaults["erase"] = {"sld": {"options": {"preset": "strong", "warmup": 2}}}
+    (model / "receler_defaults.json").write_text(json.dumps(defaults))
+    assert model_erase_defaults(model, "sld") == {}  # options are not training settings
+    assert model_method_options(model, "sld") == {"preset": "strong", "warmup": 2}
+    remove_edit(pipe)
+    result = erase_with("sld", pipe, TrainConfig(concepts=CONCEPT), tmp_path / "b",
+                        base_model=str(model))
+    assert result.options["preset"] == "strong" and result.options["warmup"] == 2
+    remove_edit(pipe)
+    result = erase_with("sld", pipe, TrainConfig(concepts=CONCEPT), tmp_path / "c",
+                        base_model=str(model), options={"preset": "weak"})
+    assert result.options["warmup"] == 15  # given options replace the recommendation
+
+    defaults["erase"] = {"sld": {"options": ["max"]}}
+    (model / "receler_defaults.json").write_text(json.dumps(defaults))
+    with pytest.raises(ValueError, match="\"options\" must be an object"):
+        model_erase_defaults(model, "sld")
+
+
+def test_cli_erases_with_rece_and_generates_from_the_folder(tiny_model_dir, tmp_path, capsys):
+    """``receler erase --method rece`` and ``receler generate --erasers`` (in-process: a
+    subprocess costs more than the whole edit)."""
+    import json
+
+    from receler.cli import main
+
+    out = tmp_path / "rece"
+    assert main(["erase", "--model", str(tiny_model_dir), "--concept", "car", "--out", str(out),
+                 "--method", "rece", "--method-option", "rounds=2", "--method-option",
+                 "preserve=dog,cat", "--quiet"]) == 0
+    assert "erased ['car'] with rece" in capsys.readouterr().out
+    cfg = json.loads((out / "eraser_config.json").read_text())
+    assert cfg["options"]["rounds"] == 2 and cfg["options"]["preserve"] == KEPT
+    assert len(cfg["stats"]["rounds"]) == 2
+    assert main(["generate", "--model", str(tiny_model_dir), "--erasers", str(out), "--prompt",
+                 "car", "--num-images", "1", "--out", str(tmp_path / "imgs")]) == 0
+    assert (tmp_path / "imgs" / "000_00.png").is_file()
+    assert main(["erase", "--model", str(tiny_model_dir), "--concept", "car", "--out",
+                 str(tmp_path / "bad"), "--method", "speed", "--method-option", "params=Q"]) == 2
+    assert "receler: error: SPEED params must be one of" in capsys.readouterr().err

@@ -81,17 +81,12 @@ PRESETS = {
 MODEL_DEFAULTS_FILE = "receler_defaults.json"
 
 
-def model_erase_defaults(model: str | Path | None, method: str) -> dict[str, Any]:
-    """Training settings that a model folder recommends for ``method``.
-
-    They sit in the ``"erase"`` section of the folder's ``receler_defaults.json``, keyed by
-    method name or by family (``"receler"`` also covers the ``receler-*`` ablations, ``"esd"``
-    covers ``esd-x`` and ``esd-u``). Hub ids and folders without the file recommend nothing,
-    so SD models train with the papers' settings.
-    """
+def _model_erase_section(model: str | Path | None, method: str
+                         ) -> tuple[Path | None, dict[str, Any]]:
+    """The ``"erase"`` → method (or family) object of a model folder's defaults file."""
     path = Path(model) / MODEL_DEFAULTS_FILE if model else None
     if path is None or not path.is_file():
-        return {}
+        return None, {}
     data = read_json_object(path)
     section = data.get("erase", {})
     if not isinstance(section, dict):
@@ -101,6 +96,24 @@ def model_erase_defaults(model: str | Path | None, method: str) -> dict[str, Any
     if not isinstance(settings, dict):
         raise ValueError(f"{path}: the {method} settings must be an object, got "
                          f"{type(settings).__name__}; fix or delete the file")
+    options = settings.get("options", {})
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: the {method} \"options\" must be an object of method "
+                         f"options, got {type(options).__name__}; fix or delete the file")
+    return path, settings
+
+
+def model_erase_defaults(model: str | Path | None, method: str) -> dict[str, Any]:
+    """Training settings that a model folder recommends for ``method``.
+
+    They sit in the ``"erase"`` section of the folder's ``receler_defaults.json``, keyed by
+    method name or by family (``"receler"`` also covers the ``receler-*`` ablations, ``"esd"``
+    covers ``esd-x`` and ``esd-u``). Hub ids and folders without the file recommend nothing,
+    so SD models train with the papers' settings. The method's own options (e.g. SLD's
+    preset) sit in that object's ``"options"``: see :func:`model_method_options`.
+    """
+    path, settings = _model_erase_section(model, method)
+    settings = {k: v for k, v in settings.items() if k != "options"}
     kinds = {f.name: f.type for f in fields(TrainConfig)}
     for key, value in settings.items():
         if key not in kinds or key == "concepts":
@@ -113,7 +126,14 @@ def model_erase_defaults(model: str | Path | None, method: str) -> dict[str, Any
         if not ok:
             raise ValueError(f"{path} recommends {key}={value!r} for {method}, which is not "
                              f"a{'n' if kind == 'int' else ''} {kind}; fix or delete the file")
-    return dict(settings)
+    return settings
+
+
+def model_method_options(model: str | Path | None, method: str) -> dict[str, Any]:
+    """Method options (``--method-option`` values) that a model folder recommends: the
+    ``"options"`` object of its ``"erase"`` → method settings; checked by the method's
+    options dataclass when used (:func:`receler.methods.registry.method_options`)."""
+    return dict(_model_erase_section(model, method)[1].get("options", {}))
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig
+from ..config import TrainConfig, model_method_options
 from ..erasers import erasers_disabled, find_cross_attention, get_erasers, remove_erasers
 from ..serialization import (
     CHECKPOINT_FILE,
@@ -226,7 +226,9 @@ def erase_with(name: str, pipe, config: TrainConfig, out_dir: str | Path, *,
         out_dir: result folder (refused if it already holds one, unless ``overwrite``).
         base_model: recorded in ``eraser_config.json``.
         options: the method's settings (:class:`UceOptions`, :class:`ReceOptions`,
-            :class:`SpeedOptions`, :class:`SldOptions` or a dict); ``None``: its defaults.
+            :class:`SpeedOptions`, :class:`SldOptions` or a dict); ``None``: what
+            ``base_model``'s ``receler_defaults.json`` recommends (``"erase"`` → method →
+            ``"options"``, used only when no options are given), else the defaults.
         callbacks: ``cb(trainer, result)`` after each iteration (Receler and ESD).
 
     Returns:
@@ -235,6 +237,10 @@ def erase_with(name: str, pipe, config: TrainConfig, out_dir: str | Path, *,
     method = get_method(name)
     out_dir = Path(out_dir)
     config = method_config(name, config)
+    if options is None:  # the model folder's recommendation, e.g. the toy model's SLD preset
+        options = model_method_options(base_model, name) if base_model else None
+        if options:
+            logger.info("%s options recommended by %s: %s", name, base_model, options)
     opts = method_options(name, options)
     unet = pipe.unet
     if get_erasers(unet) or current_edit(unet) is not None or get_sld(unet) is not None:

@@ -17,7 +17,11 @@ which is SLD's equation 3 for any guidance scale ``w``, so ``w`` need not be kno
     ν     ← β_m · ν + (1 − β_m) · γ                                         (eq. 8)
 
 γ is applied from denoising step ``warmup`` on; the momentum ν is updated from step 0,
-as in diffusers' ``StableDiffusionPipelineSafe``. Defaults are SLD-Medium. A new
+as in diffusers' ``StableDiffusionPipelineSafe``. ``SldOptions.preset`` picks one of the
+paper's four configurations (:data:`SLD_PRESETS`, default ``medium``); a setting given
+explicitly overrides the preset's. The presets count warm-up in denoising steps of
+the paper's 50-step sampler, so on a model sampled with fewer steps (the toy model: 20)
+a warm-up covers a larger share of the trajectory. A new
 generation is recognised by its timestep not decreasing (or a new batch size), which
 resets the step count and ν; this holds for DDIM and LMS (the schedulers of
 :func:`receler.sampling.generate`) and other schedulers with strictly decreasing
@@ -52,24 +56,58 @@ SLD_SAFETY_CONCEPT = (
 # Erased concepts for which SLD's own text is the safety concept unless one is given.
 SLD_DEFAULT_FOR = ("nudity",)
 
+# SLD's published configurations (Schramowski et al., 2023, Table / sec. 5), as diffusers'
+# ``SafetyConfig`` (pipelines/deprecated/stable_diffusion_safe/__init__.py) holds them:
+# sld_guidance_scale, sld_warmup_steps, sld_threshold, sld_momentum_scale, sld_mom_beta.
+SLD_PRESETS: dict[str, dict[str, float | int]] = {
+    "weak": {"guidance": 20.0, "warmup": 15, "threshold": 0.0, "momentum": 0.0, "beta": 0.0},
+    "medium": {"guidance": 1000.0, "warmup": 10, "threshold": 0.01, "momentum": 0.3,
+               "beta": 0.4},
+    "strong": {"guidance": 2000.0, "warmup": 7, "threshold": 0.025, "momentum": 0.5,
+               "beta": 0.7},
+    "max": {"guidance": 5000.0, "warmup": 0, "threshold": 1.0, "momentum": 0.5, "beta": 0.7},
+}
+
 
 @dataclass
 class SldOptions:
-    """SLD's hyperparameters (defaults: the paper's SLD-Medium)."""
+    """SLD's hyperparameters: a preset (default SLD-Medium), any of whose values a setting
+    given here overrides."""
 
-    guidance: float = field(default=1000.0, metadata={"help": "safety guidance scale s_S"})
-    warmup: int = field(default=10, metadata={"help": "denoising steps before safety guidance"})
-    threshold: float = field(default=0.01, metadata={"help": "threshold λ of eq. 6"})
-    momentum: float = field(default=0.3, metadata={"help": "momentum scale s_m"})
-    beta: float = field(default=0.4, metadata={"help": "momentum decay β_m"})
+    preset: str = field(default="medium", metadata={
+        "help": "the paper's configuration: weak, medium, strong or max (diffusers' "
+                "SafetyConfig); the settings below override its values"})
+    guidance: float | None = field(default=None, metadata={
+        "help": "safety guidance scale s_S (default: the preset's)"})
+    warmup: int | None = field(default=None, metadata={
+        "help": "denoising steps before safety guidance (default: the preset's)"})
+    threshold: float | None = field(default=None, metadata={
+        "help": "threshold λ of eq. 6 (default: the preset's)"})
+    momentum: float | None = field(default=None, metadata={
+        "help": "momentum scale s_m (default: the preset's)"})
+    beta: float | None = field(default=None, metadata={
+        "help": "momentum decay β_m (default: the preset's)"})
     safety_concept: str | None = field(default=None, metadata={
         "help": "safety prompt; 'default' = SLD's own text (default: SLD's own text when the "
                 "concept is nudity, else the erased concepts joined by ', ')"})
 
     def __post_init__(self):
+        if not isinstance(self.preset, str) or self.preset.lower() not in SLD_PRESETS:
+            raise ValueError(f"unknown SLD preset {self.preset!r}: choose one of "
+                             f"{', '.join(SLD_PRESETS)}")
+        self.preset = self.preset.lower()
+        for key, value in SLD_PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         if self.safety_concept is not None and not str(self.safety_concept).strip():
             raise ValueError("safety_concept is empty: give a safety prompt, 'default' for "
                              "SLD's own text, or leave it out")
+        for key in ("guidance", "threshold", "momentum", "beta", "warmup"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or (key == "warmup" and not isinstance(value, int)):
+                raise ValueError(f"SLD {key} must be a{' whole' if key == 'warmup' else ''} "
+                                 f"number, got {value!r}")
         if self.warmup < 0 or self.guidance < 0 or not 0 <= self.beta <= 1:
             raise ValueError(f"bad SLD settings: guidance={self.guidance} (>= 0), warmup="
                              f"{self.warmup} (>= 0), beta={self.beta} (in [0, 1])")
