@@ -86,8 +86,9 @@ def test_hub_ids_find_their_subfolder(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "file_exists", lambda *a, **k: False)
     with pytest.raises(ValueError, match="neither config.json nor unet/config.json"):
         module_source("someone/empty", "unet")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        module_source("/no/such/folder", "unet")
+    for missing in ("/no/such/folder", "tests/no-such-unet"):  # paths, not hub ids
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            module_source(missing, "unet")
 
 
 def save_lora(unet, folder, cross_dim=16):

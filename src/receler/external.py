@@ -258,7 +258,10 @@ def _flag(part: str) -> str:
 
 
 def _looks_local(src: str) -> bool:
-    return src.startswith((".", "/", "~")) or src.count("/") != 1 or "\\" in src
+    """A path rather than a hub id (``owner/name``): absolute, relative with a dot, deeper,
+    or inside a folder that exists here (``runs/my-unet``)."""
+    return (src.startswith((".", "/", "~")) or src.count("/") != 1 or "\\" in src
+            or Path(src).parent.is_dir())
 
 
 def module_source(src: str, part: str) -> tuple[str, str | None]:
