@@ -144,11 +144,11 @@ def tiny_config(tmp_path, model_dir, prompt_sets, **kw) -> ProtocolConfig:
 
 
 def without_timing(value):
-    """``value`` less wall times, and less fingerprints: they hold the erasers' file times."""
+    """``value`` less wall times and file fingerprints (VARYING_KEYS), at any depth."""
+    from receler.protocol import VARYING_KEYS
+
     if isinstance(value, dict):
-        return {k: without_timing(v) for k, v in value.items()
-                if k not in ("seconds", "fingerprint", "latency_base_s", "latency_s",
-                             "overhead_ratio")}
+        return {k: without_timing(v) for k, v in value.items() if k not in VARYING_KEYS}
     if isinstance(value, list):
         return [without_timing(v) for v in value]
     return value
