@@ -58,7 +58,7 @@ def test_a_module_that_does_not_fit_is_refused(tiny_model_dir, tmp_path, part, b
         resolve_candidate("car", str(tiny_model_dir), **{part: str(tmp_path / "m")})
 
 
-def test_text_encoder_of_another_width_is_refused(tiny_model_dir, tmp_path):
+def test_text_encoder_swaps_like_the_unet(pipe, tiny_model_dir, tmp_path):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     base = CLIPTextConfig.from_pretrained(tiny_model_dir / "text_encoder")
@@ -69,6 +69,11 @@ def test_text_encoder_of_another_width_is_refused(tiny_model_dir, tmp_path):
     swap = resolve_candidate("car", str(tiny_model_dir), text_encoder=str(tiny_model_dir))
     assert swap.kind == "text-encoder" and swap.identity["text_encoder"]["subfolder"] == \
         "text_encoder"
+    original = pipe.text_encoder
+    swap.apply(pipe)
+    assert pipe.text_encoder is not original and "unet" not in swap.originals
+    with swap.base(pipe):
+        assert pipe.text_encoder is original
 
 
 def test_hub_ids_find_their_subfolder(monkeypatch):
