@@ -253,3 +253,14 @@ def test_adversary_pool_resumes_exactly(tiny_model_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.equal(x, y) for x, y in zip(t_full.adv["car"], t_res.adv["car"], strict=True))
     assert t_full.adv_uses == t_res.adv_uses
+
+
+def test_anchors_naming_an_erased_concept_are_dropped(pipe, tmp_path):
+    from receler.train import mentions_concept
+
+    assert mentions_concept("a red car", ["car"]) and mentions_concept("Car!", ["car"])
+    assert not mentions_concept("a cartoon", ["car"]) and not mentions_concept("a dog", ["car"])
+    trainer = Trainer(pipe, config(anchor_weight=1.0, anchors="|a car|a dog|a red cat",
+                                   concepts="car, cat"), tmp_path)
+    assert trainer.anchor_texts == ["a dog"] and len(trainer.anchors) == 1
+    assert trainer.anchor_empty

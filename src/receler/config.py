@@ -176,7 +176,8 @@ class TrainConfig:
     anchors: str = _f(
         "", "anchor prompts the erasers must leave alone, separated by '|' ('' = the empty "
         "prompt, anchored every iteration at no extra UNet pass; the others take turns, one "
-        "extra frozen pass per iteration)")
+        "extra frozen pass per iteration); an anchor naming an erased concept is dropped, "
+        "so one retain set serves every concept")
     adv_steps: int = _f(10, "inner soft-prompt attack steps per iteration (0 = no attack)")
     adv_tokens: int = _f(16, "number of adversarial soft tokens after the concept tokens")
     adv_lr: float = _f(1e-2, "learning rate of the adversarial soft tokens (Adam)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,6 +77,12 @@ from .viz import MaskPictures
 logger = logging.getLogger(__name__)
 
 
+def mentions_concept(prompt: str, concepts: list[str]) -> bool:
+    """Whether ``prompt`` holds one of ``concepts`` as whole words (case-insensitive)."""
+    return any(re.search(rf"(?<!\w){re.escape(c.strip())}(?!\w)", prompt, re.IGNORECASE)
+               for c in concepts)
+
+
 class Trainer(TrainingLoop):
     """Trains one eraser set on ``pipe.unet`` for the concepts of ``config``.
 
@@ -111,7 +118,11 @@ class Trainer(TrainingLoop):
         # The empty prompt, when listed, is anchored every iteration: its pass is the ε(∅)
         # pass the target needs anyway. The other anchors take turns, one extra pass each.
         self.anchor_empty = config.anchor_weight > 0 and "" in config.anchor_prompts
-        self.anchors = ([encode(pipe, [a]) for a in config.anchor_prompts if a != ""]
+        # An anchor that names an erased concept would pull against the erase loss: a
+        # retain set shared by every concept ("a star|a heart|...") drops the erased ones.
+        self.anchor_texts = [a for a in config.anchor_prompts
+                             if a != "" and not mentions_concept(a, config.concepts)]
+        self.anchors = ([encode(pipe, [a]) for a in self.anchor_texts]
                         if config.anchor_weight else [])
         self.concepts = config.concepts
         self.cond = {c: encode(pipe, [c]) for c in self.concepts}
