@@ -43,24 +43,17 @@ def measure_run(run: Path, steps: list[int], tokens: list[int], token_steps: int
                 include_base: bool) -> list[dict]:
     """The curves of one finished protocol run (and of its base model)."""
     from receler import load_pipeline
-    from receler.attack import AttackConfig, target_latents
+    from receler.attack import target_latents
     from receler.attack_suite import attack_plan, soft_attack_suite, suite_key
     from receler.eval.detectors import get_detector
     from receler.methods import edit_disabled, load_edit
-    from receler.protocol import PromptSets, Protocol, ProtocolConfig
+    from receler.protocol import Protocol
+    from receler.runs import protocol_config, read_results
     from receler.sampling import SamplerSettings
 
-    res = json.loads((run / "results.json").read_text())
+    res = read_results(run)
     c = res["config"]
-    cfg = ProtocolConfig(concept=res["concept"], out=run, model=c["model"], method=res["method"],
-                         detector=c["detector"], per_class=c["per_class"],
-                         concept_rows=c["concept_rows"], attack_images=c["attack_images"],
-                         attack_prompts=c["attack_prompts"], attack_prompt=c["attack_prompt"],
-                         attack=AttackConfig(**c["attack"]),
-                         prompts=PromptSets(**{k: Path(v) if v else None
-                                               for k, v in c["prompts"].items()})
-                         if c.get("prompts") else None,
-                         base_dir=Path(c["base_dir"]) if c["base_dir"] else None)
+    cfg = protocol_config(res, run)
     proto = Protocol(cfg, show_progress=False)
     settings = SamplerSettings.for_model(proto.model)
     detector = get_detector(cfg.detector)

@@ -56,3 +56,33 @@ def test_a_folder_without_results_is_a_one_line_error(tmp_path, capsys):
     assert robustness.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "results.json" in err
+
+
+def test_anatomy_compares_the_erasers_under_plain_and_attacked_prompts(tiny_model_dir,
+                                                                      prompt_sets,
+                                                                      colour_detector, tmp_path):
+    anatomy = load_benchmark("attack_anatomy")
+    out = tmp_path / "run"
+    cfg = ProtocolConfig(
+        concept="car", out=out, model=str(tiny_model_dir), detector=colour_detector, per_class=1,
+        concept_rows=1, attack_images=1, attack_prompts=1, prompts=prompt_sets,
+        train=TrainConfig(concepts="car", iterations=3, ddim_steps=3, adv_steps=0, rank=4,
+                          lr=1e-2, mask_image_every=0),
+        attack=AttackConfig(tokens=2, steps=1, sweeps=1, candidates=2, target_images=2,
+                            noise_draws=1))
+    Protocol(cfg, show_progress=False).run()
+    item = anatomy.anatomy(out, steps=2)
+    assert item["attack_tokens"] == 2 and item["prompt"] == "a photo of a car"
+    assert [r["timestep"] for r in item["timesteps"]] == anatomy.TIMESTEPS
+    for r in item["timesteps"]:
+        for side in ("plain prompt", "attacked prompt"):
+            norms = r["eraser_norm"][side]
+            assert norms["inside_mask"] > 0 and norms["outside_mask"] > 0  # trained erasers
+            assert 0 < r["soft_attention"][side] < 1
+        losses = r["denoise_loss"]
+        assert set(losses) == {"base, plain prompt", "erased, plain prompt",
+                               "erased, attacked prompt"}
+        assert losses["base, plain prompt"] != losses["erased, plain prompt"]
+    md = anatomy.to_markdown([item])
+    assert md.count("| run |") == 1 + len(anatomy.TIMESTEPS) and "→" in md  # header, one row per t
+    assert anatomy.main([str(tmp_path / "missing")]) == 2

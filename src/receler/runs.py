@@ -1,0 +1,35 @@
+"""Finished protocol runs read back: the settings a ``results.json`` was measured with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .attack import AttackConfig
+from .protocol import PromptSets, ProtocolConfig
+
+
+def read_results(run: str | Path) -> dict:
+    """``RUN/results.json`` of a finished ``receler protocol`` run, with a one-line error."""
+    path = Path(run) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{run} holds no results.json: pass the folder of a finished "
+                         "`receler protocol` run")
+    return json.loads(path.read_text())
+
+
+def protocol_config(results: dict, run: str | Path | None = None) -> ProtocolConfig:
+    """The :class:`ProtocolConfig` whose prompts, counts, detector and attack a finished run
+    used (its training settings are not needed to measure it again); ``run`` is the run's
+    folder now, if it moved since."""
+    c = results["config"]
+    prompts = c.get("prompts")
+    return ProtocolConfig(
+        concept=results["concept"], out=Path(run if run is not None else c["out"]), model=c["model"],
+        method=results["method"], detector=c["detector"], per_class=c["per_class"],
+        concept_rows=c["concept_rows"], attack_images=c["attack_images"],
+        attack_prompts=c["attack_prompts"], attack_prompt=c["attack_prompt"],
+        device=c.get("device"), dtype=c.get("dtype"), attack=AttackConfig(**c["attack"]),
+        prompts=PromptSets(**{k: Path(v) if v else None for k, v in prompts.items()})
+        if prompts else None,
+        base_dir=Path(c["base_dir"]) if c.get("base_dir") else None)
