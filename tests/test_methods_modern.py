@@ -113,6 +113,16 @@ def test_rece_without_rounds_is_uce_and_each_round_erases_its_derived_embedding(
     assert regeneration_gap(w2, w0, c, c) > gap_c  # and the concept stays erased
 
 
+def test_a_preserved_prompt_naming_an_erased_concept_is_left_out(pipe):
+    """So one preserve list of every class serves whichever class is erased."""
+    every = [*KEPT, "car", "a red car"]
+    assert UceOptions(preserve=every).kept_prompts(["car"]) == ["", *KEPT]
+    for weights in (lambda o: uce_weights(pipe, [CONCEPT], UceOptions(**o)),
+                    lambda o: rece_weights(pipe, [CONCEPT], ReceOptions(**o))[0]):
+        a, b = weights({"preserve": every}), weights({"preserve": KEPT})
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_speed_keeps_retained_and_prior_rows_exactly_and_erases_several_concepts(pipe):
     opts = SpeedOptions(preserve=[*KEPT, "a red car"], aug_num=0, params="KV")
     weights, info = speed_weights(pipe, ["car", "truck"], opts)

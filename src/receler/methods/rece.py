@@ -20,7 +20,8 @@ Each round ``r`` then:
        W_r+1 = argmin ‖W c' − W_r c_a‖² + λ₁ Σ_j ‖W c_j − W_r c_j‖² + λ₂ ‖W − W_r‖²
 
    with the anchor's encoding ``c_a`` at every position and the preserved prompts
-   (``''`` plus ``preserve``, as UCE) at every position; solved as UCE's edit.
+   (``''`` plus ``preserve``, without those naming an erased concept, as UCE) at every
+   position; solved as UCE's edit.
 
 Each round erases only that round's derived embedding; the concept itself stays erased
 through the λ₂ term, which holds the weights near the round's start (as in the public
@@ -120,7 +121,8 @@ def rece_weights(pipe, concepts: list[str], options: ReceOptions
     c_erase, c_anchor, c_keep = uce_inputs(pipe, concepts, options)
     weights = closed_form_edit(original, c_erase, c_anchor, c_keep, lamb=options.lamb,
                                erase_scale=options.erase_scale,
-                               preserve_scale=options.scale_preserved)
+                               preserve_scale=options.preserve_weight(
+                                   options.kept_prompts(concepts)))
     texts = encode(pipe, list(concepts)).hidden.double()  # (N, T, d), every position
     anchors = encode(pipe, options.anchors(concepts)).hidden.double()  # (N, T, d)
     rounds = []

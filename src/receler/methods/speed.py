@@ -32,7 +32,9 @@ Defaults are those of the public code, Ouxiang-Li/SPEED ``train_erase_null.py``:
 for 10 celebrities and ``retain_scale 0.70, lamb 0.5`` for nudity. Two differences, both
 numerical: ``(Kᵀ P M K + λ I)⁻¹`` is a pseudo-inverse (with ``λ = 0`` it is singular when
 the prior rows lie in the retained span), and the k-means is our own (Lloyd's algorithm
-from seeded random centres, as ``kmeans_pytorch`` starts). Everything runs in float64 on
+from seeded random centres, as ``kmeans_pytorch`` starts). The code averages DPA's norms
+per chunk of 128 retain rows; here over all rows, the same for up to 128 of them (the toy
+model's prompts have 47 rows after the start token). Everything runs in float64 on
 the text encoder's outputs; the noise comes from a generator seeded with ``seed``.
 """
 

@@ -13,7 +13,8 @@ the minimiser of ``s_e Σ‖W' c_i − v*_i‖² + s_p Σ‖W' c_j − W c_j‖�
   encoder all carry the concept), aligned with the anchor prompt's rows from *its* last
   token, ``v*_i = W c_anchor``: the concept now reads as the anchor (default ``""``);
 * preserved rows ``c_j``: every position (all of the tokenizer's ``model_max_length``,
-  77 on SD) of each preserved prompt, kept at ``W c_j``.
+  77 on SD) of each preserved prompt, kept at ``W c_j``; a preserved prompt that names an
+  erased concept is left out (it would ask for both).
 
 The defaults are those of UCE's reference script (rohitgandikota/unified-concept-editing,
 ``train-scripts/train_erase.py``, technique ``replace``): the empty prompt ``''`` is always
@@ -26,6 +27,7 @@ one, cancels from both sides and is left alone. The solve runs in float64.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -75,9 +77,20 @@ class UceOptions:
     @property
     def scale_preserved(self) -> float:
         """s_p: as given, else the reference's max(0.1, 1 / len(retain_texts))."""
+        return self.preserve_weight(self.preserved_prompts)
+
+    def kept_prompts(self, concepts: list[str]) -> list[str]:
+        """:attr:`preserved_prompts` without those that name an erased concept (as a word):
+        a row cannot be both erased and kept, so a preserve list of every class serves
+        whichever of them is erased (SPEED's code drops such prompts the same way)."""
+        words = [re.compile(r"\b" + re.escape(c.strip().lower()) + r"\b") for c in concepts]
+        return [p for p in self.preserved_prompts if not any(w.search(p.lower()) for w in words)]
+
+    def preserve_weight(self, kept: list[str]) -> float:
+        """s_p for the prompts ``kept``: as given, else max(0.1, 1 / len(kept))."""
         if self.preserve_scale is not None:
             return float(self.preserve_scale)
-        return max(0.1, 1.0 / max(1, len(self.preserved_prompts)))
+        return max(0.1, 1.0 / max(1, len(kept)))
 
     def anchors(self, concepts: list[str]) -> list[str]:
         if isinstance(self.anchor, str):
@@ -146,12 +159,13 @@ def closed_form_edit(weights: dict[str, torch.Tensor], c_erase: torch.Tensor,
 
 def uce_inputs(pipe, concepts: list[str], options: UceOptions
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """UCE's ``(c_erase, c_anchor, c_keep)`` rows in float64 (see the module docstring)."""
+    """UCE's ``(c_erase, c_anchor, c_keep)`` rows in float64 (see the module docstring);
+    ``c_keep`` holds :meth:`UceOptions.kept_prompts`."""
     erase = [uce_rows(pipe, c, a) for c, a in zip(concepts, options.anchors(concepts),
                                                   strict=True)]
     c_erase = torch.cat([c for c, _ in erase]).double()  # (R, d)
     c_anchor = torch.cat([a for _, a in erase]).double()  # (R, d)
-    keep = options.preserved_prompts
+    keep = options.kept_prompts(concepts)
     c_keep = (encode(pipe, keep).hidden.flatten(0, 1).double() if keep
               else c_erase.new_zeros((0, c_erase.shape[1])))  # (P·T, d), every position
     return c_erase, c_anchor, c_keep
@@ -170,5 +184,6 @@ def uce_weights(pipe, concepts: list[str], options: UceOptions) -> dict[str, tor
     params = dict(pipe.unet.named_parameters())
     edited = closed_form_edit(original_weights(pipe.unet), c_erase, c_anchor, c_keep,
                               lamb=options.lamb, erase_scale=options.erase_scale,
-                              preserve_scale=options.scale_preserved)
+                              preserve_scale=options.preserve_weight(
+                                  options.kept_prompts(concepts)))
     return {n: w.to(params[n].dtype) for n, w in edited.items()}
