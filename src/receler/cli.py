@@ -334,6 +334,8 @@ def cmd_protocol(args) -> int:
     protocol = Protocol(cfg)  # checks a model erased elsewhere before anything loads
     _say_safety_checker_off()
     results = protocol.run()
+    if not protocol.state.is_main_process:
+        return 0  # one summary: the main process's
     print(f"{concept} ({results['name']}): {_summary(results, 3 * args.attack_steps)}; base "
           f"Acc_E {results['base']['acc_e']:.3f}. {args.out / 'results.json'}, report in "
           f"{args.out / 'report' / 'report.md'}")

@@ -112,10 +112,8 @@ def _sampler_settings(args, model):
 
 
 def cmd_generate_file(args) -> int:
-    from accelerate import PartialState
-
     from .eval.prompts import read_prompts
-    from .sampling import generate_prompt_file
+    from .sampling import generate_prompt_file, process_state
 
     rows = read_prompts(args.prompts)
     if args.num_images is not None and args.num_images <= 0:
@@ -123,7 +121,7 @@ def cmd_generate_file(args) -> int:
     if args.compare:
         raise ValueError("--compare works with --prompt; for a prompt file generate twice, "
                          "with and without --erasers, into two folders")
-    state = PartialState(cpu=args.device == "cpu")
+    state = process_state(args.device)
     pipe, settings = _load_for_generation(args, device=args.device or state.device)
     written = generate_prompt_file(
         pipe, rows, args.out, num_images=args.num_images or 1, settings=settings,

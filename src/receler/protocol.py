@@ -11,6 +11,14 @@ any method), ``unet`` / ``text_encoder`` (fine-tuned modules in diffusers format
 ``lora`` name a candidate made elsewhere (:mod:`receler.external`), measured the same way.
 Each image folder is keyed (:mod:`receler.image_keys`), so a base folder shared between
 runs, or a run folder used again, is refused when its images were made differently.
+
+Under ``accelerate launch`` the run is split across processes (one per GPU): each
+generates every ``num_processes``-th batch of images and scores every
+``num_processes``-th detection batch, so every image is made and scored in the batch a
+single process would use, and the merged results are a single process's. Everything else
+runs on the main process alone: erasing (the others then load the finished erasers),
+attacks, latency, the metrics of the merged detections, the report and
+``results.json``. The others wait at barriers meanwhile and return that ``results.json``.
 """
 
 from __future__ import annotations
@@ -27,21 +35,21 @@ from pathlib import Path
 from .attack import AttackConfig, target_latents
 from .attack_suite import attack_plan, soft_attack_suite, suite_key
 from .config import TrainConfig
-from .eval.detectors import evaluate_folder, get_detector
+from .eval.detectors import default_labels, evaluate_images, get_detector
 from .eval.metrics import (
     multi_concept_metrics,
     per_class_rates,
     to_dict,
     two_object_locality,
 )
-from .eval.prompts import PromptRow, read_prompts
+from .eval.prompts import PromptRow, list_images, read_prompts
 from .external import Candidate, erase_candidate, resolve_candidate
 from .image_keys import KEY_FILE, folder_key
 from .image_keys import check as check_images
 from .image_keys import claim as claim_images
 from .measure import measure_attacks, measure_latency
 from .pipeline import default_model, load_pipeline
-from .sampling import SamplerSettings, generate_prompt_file
+from .sampling import SamplerSettings, generate_prompt_file, process_state, shard
 from .serialization import CHECKPOINT_FILE, CONFIG_FILE, atomic_write, read_tensors
 
 logger = logging.getLogger(__name__)
@@ -49,6 +57,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1  # of results.json; raised when a key changes meaning or goes away
 STAGES = ("latency", "attack", "two-object")  # what --skip may leave out
 SOURCES = ("erasers", "unet", "text_encoder", "lora")  # candidates made elsewhere
+DETECT_BATCH = 16  # images per detector call (evaluate_images' default)
 # results.json keys that vary between identical runs: wall times, and fingerprints (they
 # hold the modification times of the erasers' files)
 VARYING_KEYS = ("seconds", "latency_base_s", "latency_s", "overhead_ratio", "fingerprint")
@@ -190,13 +199,33 @@ class Protocol:
         return self.cfg.out / "images" / which
 
     def generate_sets(self, pipe, which: str) -> None:
+        state = self.state
         for name, rows in self.rows.items():
-            generate_prompt_file(pipe, rows, self.folder(which) / name,
-                                 settings=self.settings, show_progress=self.show_progress)
+            written = generate_prompt_file(
+                pipe, rows, self.folder(which) / name, settings=self.settings,
+                process_index=state.process_index, num_processes=state.num_processes,
+                show_progress=self.show_progress)
+            logger.info("process %d/%d generated %d %s images of %s", state.process_index,
+                        state.num_processes, len(written), which, name)
 
-    def evaluate(self, which: str) -> dict:
-        c, folder = self.cfg.concept, self.folder(which)
-        recs = {n: evaluate_folder(folder / n, rows, self.detector) for n, rows in self.rows.items()}
+    def evaluate(self, which: str) -> dict | None:
+        """The metrics of ``which``'s images on the main process (``None`` on the others),
+        from the detections of every process merged."""
+        from accelerate.utils import gather_object
+
+        c, folder, state = self.cfg.concept, self.folder(which), self.state
+        mine = [(name, *d) for name, rows in self.rows.items()
+                for d in detect_share(folder / name, rows, self.detector,
+                                      index=state.process_index, count=state.num_processes)]
+        logger.info("process %d/%d scored %d %s images", state.process_index,
+                    state.num_processes, len(mine), which)
+        merged = gather_object(mine)  # every process's, in process order
+        if not state.is_main_process:
+            return None
+        order = {name: i for i, name in enumerate(self.rows)}
+        recs = {name: [] for name in self.rows}
+        for name, _, record in sorted(merged, key=lambda d: (order[d[0]], d[1])):
+            recs[name].append(record)
         simple = recs["simple"] + recs.get("style", [])
         metrics = multi_concept_metrics(simple, [c], paraphrase=recs.get("paraphrase"))
         res = metrics.per_concept[0]
@@ -322,17 +351,22 @@ class Protocol:
 
     def _run(self) -> dict:
         cfg, attack = self.cfg, "attack" not in self.cfg.skip
+        self.state = state = process_state(cfg.device)
+        main, split = state.is_main_process, state.num_processes > 1
+        self.show_progress = self.show_progress and state.is_local_main_process
         if self.candidate is None:
             self.check_erase_folder()  # before anything loads or is generated
         cfg.out.mkdir(parents=True, exist_ok=True)
-        pipe = self.timed("load", load_pipeline, self.model, device=cfg.device, dtype=cfg.dtype)
+        device = cfg.device or (state.device if split else None)  # split: a GPU per process
+        pipe = self.timed("load", load_pipeline, self.model, device=device, dtype=cfg.dtype)
         self.dtype = str(pipe.unet.dtype).removeprefix("torch.")
         self.settings = SamplerSettings.for_model(self.model)
         if cfg.sample_steps is not None:
             self.settings = replace(self.settings, steps=cfg.sample_steps)
-        base_key = self.check_images("base", record=True)
+        base_key = self.check_images("base", record=main)  # every process checks, main records
         self.check_images("erased")
         self.detector = self.timed("load", get_detector, cfg.detector)
+        attack = attack and main  # attacks and latency: the main process alone
         latents = self.timed("attack", target_latents, pipe, self.concept_prompt(),
                              cfg.attack.target_images, steps=self.settings.steps,
                              guidance=self.settings.guidance, seed=cfg.attack.seed) \
@@ -341,17 +375,26 @@ class Protocol:
         base_attack = self.timed("attack_base", self.attack, pipe, "base", latents) \
             if attack else None
         if self.candidate is None:
-            self.timed("erase", self.erase, pipe)
+            if main:
+                self.timed("erase", self.erase, pipe)
+            state.wait_for_everyone()
+            if not main:
+                self.erase(pipe)  # the main process's erasers, finished: loaded
         else:
             self.timed("apply", self.candidate.apply, pipe)
-        erased_key = self.check_images("erased", record=True)
+        erased_key = self.check_images("erased", record=main)
         self.timed("generate", self.generate_sets, pipe, "erased")
         erased_attack = self.timed("attack", self.attack, pipe, "erased", latents) \
             if attack else None
-        latency = self.timed("latency", self.latency, pipe) if "latency" not in cfg.skip else \
+        latency = self.timed("latency", self.latency, pipe) \
+            if "latency" not in cfg.skip and main else \
             dict.fromkeys(("latency_base_s", "latency_s", "overhead_ratio"))
+        state.wait_for_everyone()  # every image is on disk before any is scored
         base = self.timed("evaluate", self.evaluate, "base")
         erased = self.timed("evaluate", self.evaluate, "erased")
+        if not main:  # the main process merged the detections and writes the results
+            state.wait_for_everyone()
+            return json.loads((cfg.out / "results.json").read_text())
         results = {"schema_version": SCHEMA_VERSION, **summarise(erased, erased_attack)}
         results["base"] = summarise(base, base_attack)
         results["train"] = self.candidate.stats
@@ -369,7 +412,35 @@ class Protocol:
         results["seconds"] = dict(self.seconds, total=sum(self.seconds.values()))
         text = json.dumps(results, indent=2, default=str) + "\n"
         atomic_write(cfg.out / "results.json", lambda tmp: tmp.write_text(text))
+        state.wait_for_everyone()
         return results
+
+
+def detect_share(folder: Path, rows: list[PromptRow], detector, *, index: int = 0,
+                 count: int = 1) -> list[tuple[int, object]]:
+    """The detections of process ``index`` of ``count`` over the images of ``rows`` in
+    ``folder``: ``(position, ImageRecord)`` pairs, positions in (case_number, index) order.
+
+    Images are batched as :func:`evaluate_images` batches them (by the labels they ask
+    for, :data:`DETECT_BATCH` at a time) and every ``count``-th batch is this process's, so
+    a split run scores each image in the batch one process scores it in: the same scores.
+    Images of other rows (a ``--base-dir`` that a run with more rows extended) are left out.
+    """
+    by_case = {r.case_number: r for r in rows}
+    items = [(by_case[c], i, path) for c, i, path in list_images(folder) if c in by_case]
+    missing = len(by_case) - len({row.case_number for row, _, _ in items})
+    if missing:
+        logger.warning("%d prompt row(s) have no image in %s", missing, folder)
+    groups: dict[tuple[str, ...], list] = {}
+    for pos, item in enumerate(items):
+        groups.setdefault(tuple(default_labels(item[0])), []).append((pos, item))
+    batches = [group[i:i + DETECT_BATCH] for group in groups.values()
+               for i in range(0, len(group), DETECT_BATCH)]
+    out = []
+    for batch in shard(batches, index, count):
+        records = evaluate_images([item for _, item in batch], detector, batch_size=DETECT_BATCH)
+        out += [(pos, rec) for (pos, _), rec in zip(batch, records, strict=True)]
+    return out
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -200,6 +201,22 @@ def compare(pipe, prompts: Sequence[str], seeds: Sequence[int], *,
     return base, erased, grid
 
 
+# Processes that wait at a barrier while the main one trains or attacks (hours at SD scale)
+# must not time out. A process that fails still ends the run at once: `accelerate launch`
+# (torchrun) stops the others.
+BARRIER_TIMEOUT = timedelta(hours=48)
+
+
+def process_state(device: str | None = None):
+    """accelerate's ``PartialState``: this process's ``process_index`` among the
+    ``num_processes`` that ``accelerate launch`` (or torchrun) started, its ``device`` and
+    ``wait_for_everyone()``; one process when nothing launched it. ``device="cpu"`` gives
+    CPU processes (the gloo backend)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu", timeout=BARRIER_TIMEOUT)
+
+
 def shard(items: Sequence, index: int, count: int) -> list:
     """Items of process ``index`` out of ``count``: every item in exactly one shard."""
     if not 0 <= index < count:
@@ -225,7 +242,11 @@ def generate_prompt_file(pipe, rows: Sequence, out_dir: Path, *, num_images: int
     ``evaluation_seed`` (the reference scripts' batch; on the CPU or, with
     ``settings.seeding="device"``, on the UNet's device). So it is the same whichever images
     already exist, whatever the batch size and however the rows are split across
-    processes. Images already on disk are skipped (regenerated with ``overwrite``). With
+    processes. The batches are planned over every row and dealt out whole, every
+    ``num_processes``-th to process ``process_index``, so an image is drawn in the same
+    batch however many processes share the work: on the same hardware a split run's
+    images are bitwise one process's (a batch's arithmetic may change an image's last bit).
+    Images already on disk are skipped (regenerated with ``overwrite``). With
     ``settings.row_settings`` a row's own guidance (I2P's ``evaluation_guidance``) and size
     override ``settings``.
 
@@ -245,34 +266,33 @@ def generate_prompt_file(pipe, rows: Sequence, out_dir: Path, *, num_images: int
     use_scheduler(pipe, settings.scheduler)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo: dict[tuple, list[tuple]] = {}  # (guidance, height, width) -> [(row, index, path)]
-    for row in shard(rows, process_index, num_processes):
-        for i in range(num_images):
-            path = out_dir / f"{row.case_number}_{i}.png"
-            if path.exists() and not overwrite:
-                continue
-            guidance, (h, w) = settings.guidance, image_size(pipe, settings)
-            if settings.row_settings:
-                guidance = row.guidance if row.guidance is not None else guidance
-                h, w = row.height or h, row.width or w
-            todo.setdefault((guidance, h, w), []).append((row, i, path))
+    plan: dict[tuple, list[tuple]] = {}  # (guidance, height, width) -> [(row, index, path)]
+    for row in rows:  # every row: the same plan on every process, whatever is on disk
+        guidance, (h, w) = settings.guidance, image_size(pipe, settings)
+        if settings.row_settings:
+            guidance = row.guidance if row.guidance is not None else guidance
+            h, w = row.height or h, row.width or w
+        plan.setdefault((guidance, h, w), []).extend(
+            (row, i, out_dir / f"{row.case_number}_{i}.png") for i in range(num_images))
+    batches = [(size, items[start:start + batch_size])
+               for size, items in plan.items() for start in range(0, len(items), batch_size)]
+    todo = [(size, batch) for size, items in shard(batches, process_index, num_processes)
+            if (batch := [it for it in items if overwrite or not it[2].exists()])]
     written = []
-    bar = tqdm(total=sum(map(len, todo.values())), desc=f"generating [{process_index}]",
+    bar = tqdm(total=sum(len(batch) for _, batch in todo), desc=f"generating [{process_index}]",
                disable=not show_progress, dynamic_ncols=True)
-    for (guidance, h, w), items in todo.items():
-        for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
-            latents = torch.stack([
-                seed_noise(pipe, row.evaluation_seed, num_images, h, w,
-                           seeding=settings.seeding)[i]
-                for row, i, _ in batch]).to(pipe.unet.device, pipe.unet.dtype)
-            out = pipe([row.prompt for row, _, _ in batch], num_inference_steps=settings.steps,
-                       guidance_scale=guidance, height=h, width=w, latents=latents,
-                       output_type="pil")
-            for img, (_, _, path) in zip(out.images, batch, strict=True):
-                _save_atomic(img, path)
-                written.append(path)
-            bar.update(len(batch))
+    for (guidance, h, w), batch in todo:
+        latents = torch.stack([
+            seed_noise(pipe, row.evaluation_seed, num_images, h, w,
+                       seeding=settings.seeding)[i]
+            for row, i, _ in batch]).to(pipe.unet.device, pipe.unet.dtype)
+        out = pipe([row.prompt for row, _, _ in batch], num_inference_steps=settings.steps,
+                   guidance_scale=guidance, height=h, width=w, latents=latents,
+                   output_type="pil")
+        for img, (_, _, path) in zip(out.images, batch, strict=True):
+            _save_atomic(img, path)
+            written.append(path)
+        bar.update(len(batch))
     bar.close()
     return written
 
