@@ -365,6 +365,7 @@ class Protocol:
             self.settings = replace(self.settings, steps=cfg.sample_steps)
         base_key = self.check_images("base", record=main)  # every process checks, main records
         self.check_images("erased")
+        state.wait_for_everyone()  # the key is recorded before any process adds an image
         self.detector = self.timed("load", get_detector, cfg.detector)
         attack = attack and main  # attacks and latency: the main process alone
         latents = self.timed("attack", target_latents, pipe, self.concept_prompt(),
@@ -383,6 +384,7 @@ class Protocol:
         else:
             self.timed("apply", self.candidate.apply, pipe)
         erased_key = self.check_images("erased", record=main)
+        state.wait_for_everyone()
         self.timed("generate", self.generate_sets, pipe, "erased")
         erased_attack = self.timed("attack", self.attack, pipe, "erased", latents) \
             if attack else None
