@@ -124,7 +124,7 @@ class Reader:
         for (_, _, path), image, s in zip(found, images, scores, strict=True):
             out[path.name] = {
                 "pixels": np.asarray(image, dtype=np.int16),
-                "top": max(self.classes, key=lambda c: s[c]),
+                "scores": s, "top": max(self.classes, key=lambda c: s[c]),
                 "present": sorted(k for k, v in s.items() if v >= self.detector.threshold)}
         return out
 
@@ -139,6 +139,9 @@ def compare_sets(reference: dict[str, dict], other: dict[str, dict]) -> dict:
             "pixels_changed": sum(int(d.any()) for d in diffs),
             "max_pixel_change": max((int(d.max()) for d in diffs), default=0),
             "changed_pixel_values": sum(int((d > 0).sum()) for d in diffs),
+            "max_score_change": max((abs(reference[n]["scores"][k] - other[n]["scores"][k])
+                                     for n in reference for k in reference[n]["scores"]),
+                                    default=0.0),
             "top_class_changed": sum(reference[n]["top"] != other[n]["top"] for n in reference),
             "detections_changed": sum(reference[n]["present"] != other[n]["present"]
                                       for n in reference),
@@ -195,16 +198,17 @@ def to_markdown(report: dict) -> str:
              f"({report['machine']['platform']}, torch {report['torch_version']}). Each variant "
              f"ran from nothing; differences are against `{ref}`.", "",
              "| variant | Acc_E | Acc_R | Acc_L | H | base Acc_L | images changed | max pixel "
-             "change | top class changed | detections changed | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "change | max score change | top class changed | detections changed | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in report["variants"].items():
         e, im = v["erased"], v["images"]
         secs = "–" if v["seconds"] is None else f"{v['seconds']:.0f}"
         biggest = max(x["max_pixel_change"] for x in v["sets"].values())
+        score = max(x["max_score_change"] for x in v["sets"].values())
         lines.append(
             f"| {name} | {num(e['acc_e'])} | {num(e['acc_r'])} | {num(e['acc_l'])} | "
             f"{num(e['h'])} | {num(v['base']['acc_l'])} | {im['pixels_changed']}/{im['images']} "
-            f"| {biggest} | {im['top_class_changed']} | {im['detections_changed']} | {secs} |")
+            f"| {biggest} | {score:.2g} | {im['top_class_changed']} | {im['detections_changed']} | {secs} |")
     lines += ["", "Per image set (images changed / top class changed / detections changed):",
               "", "| variant | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
     for name, v in report["variants"].items():

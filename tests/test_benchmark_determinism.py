@@ -55,12 +55,13 @@ def test_changes_are_counted_per_image_against_the_reference(det, tmp_path):
     s = other["sets"]["erased/simple"]
     assert (s["pixels_changed"], s["max_pixel_change"], s["changed_pixel_values"]) == (2, 60, 32)
     assert (s["top_class_changed"], s["detections_changed"], s["changed"]) == (1, 1, ["2_0.png"])
+    assert s["max_score_change"] == pytest.approx(60 / 255)
     assert other["images"]["top_class_changed"] == 2  # base and erased alike
     assert other["delta"]["erased"]["acc_l"] == pytest.approx(-0.1)
     assert other["delta"]["erased"]["acc_r"] is None
     js, md = det.write(report, tmp_path / "results")
     assert json.loads(js.read_text())["reference"] == "1-thread"
-    assert "| 2-threads | 0.000 | – | 0.700 | 0.900 | 0.700 | 4/6 | 60 | 2 | 2 | 5 |" \
+    assert "| 2-threads | 0.000 | – | 0.700 | 0.900 | 0.700 | 4/6 | 60 | 0.24 | 2 | 2 | 5 |" \
         in md.read_text()
 
     fake_run(tmp_path / "short", {"0_0.png": (0, 0, 0)}, 0.8)
