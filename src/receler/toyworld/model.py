@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config import MODEL_DEFAULTS_FILE
+from .vocab import CLASSES
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyworld"
 PIPELINE_DIR = ASSET_DIR / "pipeline"
@@ -109,6 +110,14 @@ ERASE_DEFAULTS: dict[str, dict] = {
     "receler": {"lr": 3e-3, "iterations": 300, "ddim_steps": 20, "mask_source": "guidance",
                 "reg_weight": 3.0, "adv_start": 100, "anchor_weight": 50.0, "rank": 32},
     "esd": {"lr": 1e-4, "iterations": 150},
+    # Method options (docs/methods.md, 2026-12-03). UCE and RECE preserve every class (the
+    # erased one is left out): without it UCE lost moon and arrow erasing striped (Acc_L
+    # 0.75 → 1.00) and RECE's round lost 7 classes erasing star (Acc_L 0.19 → 1.00). SLD's
+    # published presets count warm-up in 50-step sampling; SLD-Medium erased nothing on the
+    # toy's 20 steps, SLD-Max with 2 warm-up steps erased star and kept the other classes.
+    "uce": {"options": {"preserve": list(CLASSES)}},
+    "rece": {"options": {"preserve": list(CLASSES)}},
+    "sld": {"options": {"preset": "max", "warmup": 2}},
 }
 
 
