@@ -18,12 +18,14 @@ from receler.methods import (
     uce_parameter_names,
     uce_weights,
 )
+from receler.methods.edits import EditConfig
 from receler.methods.rece import ReceOptions, derive_embedding, rece_weights, regeneration_gap
+from receler.methods.registry import settings_mismatch
 from receler.methods.sld import SldOptions, get_sld
 from receler.methods.speed import SpeedOptions, speed_parameter_names, speed_weights
 from receler.methods.uce import UceOptions, original_weights
 from receler.pipeline import encode, unet_eps
-from receler.serialization import read_tensors
+from receler.serialization import CONFIG_FILE, read_tensors
 
 CONCEPT, ANCHOR, KEPT = "car", "", ["dog", "cat"]
 
@@ -207,6 +209,14 @@ def test_sld_preset_round_trips_and_the_model_can_recommend_options(pipe, tiny_m
     result = erase_with("sld", pipe, TrainConfig(concepts=CONCEPT), tmp_path / "c",
                         base_model=str(model), options={"preset": "weak"})
     assert result.options["warmup"] == 15  # given options replace the recommendation
+
+    # A finished run is stale once the model recommends other options.
+    saved = EditConfig.load(tmp_path / "b" / CONFIG_FILE)
+    assert settings_mismatch("sld", TrainConfig(concepts=CONCEPT), saved) is None
+    defaults["erase"] = {"sld": {"options": {"preset": "max"}}}
+    (model / "receler_defaults.json").write_text(json.dumps(defaults))
+    assert settings_mismatch("sld", TrainConfig(concepts=CONCEPT), saved) == \
+        "option preset='strong', not 'max'"
 
     defaults["erase"] = {"sld": {"options": ["max"]}}
     (model / "receler_defaults.json").write_text(json.dumps(defaults))

@@ -177,7 +177,9 @@ def trainable_parameters(name: str, pipe, config: TrainConfig | None = None, *,
 
 def settings_mismatch(name: str, config: TrainConfig, saved: EditConfig) -> str | None:
     """How a finished or checkpointed run in a folder differs from what is asked now: the
-    method, or a training setting that the method reads. ``None`` when they agree."""
+    method, a training setting that the method reads, or a method option (against what its
+    ``base_model`` recommends now, else the defaults: a run made with ``options=None``).
+    ``None`` when they agree."""
     if saved.method != name:
         return f"method {saved.method!r}, not {name!r}"
     asked = method_config(name, config).to_dict()
@@ -188,6 +190,12 @@ def settings_mismatch(name: str, config: TrainConfig, saved: EditConfig) -> str 
             continue  # no attack: its settings change nothing
         if key in saved.train and saved.train[key] != asked[key]:
             return f"{key}={saved.train[key]!r}, not {asked[key]!r}"
+    if get_method(name).options is not None and saved.options:
+        # what a fresh run would use: the saved model folder's recommendation, else defaults
+        recommended = model_method_options(saved.base_model, name) if saved.base_model else None
+        for key, value in asdict(method_options(name, recommended or None)).items():
+            if key in saved.options and saved.options[key] != value:
+                return f"option {key}={saved.options[key]!r}, not {value!r}"
     return None
 
 
