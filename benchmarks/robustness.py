@@ -137,7 +137,7 @@ def to_picture(rows: list[dict], concept: str, default_tokens: int,
     w, h = size
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    x0, y0, x1, y1 = 60, 30, w - 200, h - 50
+    x0, y0, x1, y1 = 60, 30, w - 270, h - 50
     d.rectangle((x0, y0, x1, y1), outline="black")
     d.text((x0, 8), f"{concept}: soft-prompt attack success against attack steps "
                     f"({default_tokens} tokens)", fill="black")
@@ -164,7 +164,7 @@ def to_picture(rows: list[dict], concept: str, default_tokens: int,
             d.line((x, y(r["low"]), x, y(r["high"])), fill=col, width=1)
             d.ellipse((x - 3, y(r["rate"]) - 3, x + 3, y(r["rate"]) + 3), fill=col)
         d.rectangle((x1 + 12, y0 + 18 * i + 3, x1 + 22, y0 + 18 * i + 13), fill=col)
-        d.text((x1 + 28, y0 + 18 * i), m[:28], fill="black")
+        d.text((x1 + 28, y0 + 18 * i), m[:38], fill="black")
     return img
 
 
