@@ -106,9 +106,18 @@ class SamplerDefaults:
 # parameters, against 0.37% on SD 1.4). Over three training seeds rank 32 kept more of the
 # other classes on heart (H 0.93 against 0.87), the same on star, and erased striped too
 # (docs/toyworld.md, "Seeds and the eraser rank").
+_RECELER_2026_11_25 = {"lr": 3e-3, "iterations": 300, "ddim_steps": 20,
+                      "mask_source": "guidance", "reg_weight": 3.0, "adv_start": 100,
+                      "anchor_weight": 50.0, "rank": 32}
+# Since 2026-12-03 (docs/robustness.md): no mask; the anchor term on a retain set of the
+# empty prompt and every class name (the erased one is dropped by the trainer). The mask let
+# the soft-prompt attack switch the erasers off. The ablations keep the recipe they ablate.
 ERASE_DEFAULTS: dict[str, dict] = {
-    "receler": {"lr": 3e-3, "iterations": 300, "ddim_steps": 20, "mask_source": "guidance",
-                "reg_weight": 3.0, "adv_start": 100, "anchor_weight": 50.0, "rank": 32},
+    "receler": {**_RECELER_2026_11_25, "reg_weight": 0.0,
+                "anchors": "|" + "|".join(f"an {c}" if c[0] in "aeiou" else f"a {c}"
+                                          for c in CLASSES)},
+    **{name: dict(_RECELER_2026_11_25)
+       for name in ("receler-eraser-only", "receler-eraser-reg", "receler-eraser-adv")},
     "esd": {"lr": 1e-4, "iterations": 150},
     # Method options (docs/methods.md, 2026-12-03). UCE and RECE preserve every class (the
     # erased one is left out): without it UCE lost moon and arrow erasing striped (Acc_L
