@@ -124,8 +124,12 @@ ERASE_DEFAULTS: dict[str, dict] = {
     # 0.75 → 1.00) and RECE's round lost 7 classes erasing star (Acc_L 0.19 → 1.00). SLD's
     # published presets count warm-up in 50-step sampling; SLD-Medium erased nothing on the
     # toy's 20 steps, SLD-Max with 2 warm-up steps erased star and kept the other classes.
+    # SPEED edits only the concept word's row by default, and the toy's star lives in the
+    # end and padding rows too: it erased nothing (Acc_E 1.00); every row after the start
+    # token, with the classes retained, erased star to 0.10 and kept Acc_L 0.94.
     "uce": {"options": {"preserve": list(CLASSES)}},
     "rece": {"options": {"preserve": list(CLASSES)}},
+    "speed": {"options": {"tokens": "all", "preserve": list(CLASSES)}},
     "sld": {"options": {"preset": "max", "warmup": 2}},
 }
 
