@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def measure_run(run: Path, steps: list[int], tokens: list[int], token_steps: int
         budgets[cfg.attack.tokens] = sorted(set(steps) | {token_steps})
         for t, checkpoints in budgets.items():
             key = suite_key(which, cfg.detector, proto.concept_prompt(), settings)
-            with (edit_disabled(pipe) if which == "base" else _nothing()):
+            with (edit_disabled(pipe) if which == "base" else nullcontext()):
                 suite = soft_attack_suite(pipe, cfg.concept, plan, latents, detector, settings,
                                           replace(cfg.attack, tokens=t), checkpoints=checkpoints,
                                           n_images=cfg.attack_images, key=key, cache_dir=cache)
@@ -88,41 +89,32 @@ def measure_run(run: Path, steps: list[int], tokens: list[int], token_steps: int
     return rows
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def to_markdown(rows: list[dict], default_tokens: int, token_steps: int = TOKEN_STEPS) -> str:
     def cell(r):
         return f"{r['rate']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+
+    def table(title: str, key: str, values: list[int], sel: list[dict]) -> list[str]:
+        """One row per method, one column per value of ``key`` (steps or tokens)."""
+        out = [f"## {title}", "", "| method | " + " | ".join(f"{v} {key}" for v in values)
+               + " |", "|---|" + "---|" * len(values)]
+        for m in dict.fromkeys(r["method"] for r in sel):
+            by = {r[key]: r for r in sel if r["method"] == m}
+            out.append(f"| {m} | " + " | ".join(cell(by[v]) if v in by else "–" for v in values)
+                       + " |")
+        return out
 
     lines = ["# Soft-prompt attack success against the attacker's strength", "",
              "Pooled over independent attacks (own prompt and seed each); each cell is the "
              "rate with its Wilson 95% interval, out of n attacked images.", ""]
     for concept in dict.fromkeys(r["concept"] for r in rows):
         mine = [r for r in rows if r["concept"] == concept]
-        methods = list(dict.fromkeys(r["method"] for r in mine))
         steps = sorted({r["steps"] for r in mine if r["tokens"] == default_tokens})
         tokens = sorted({r["tokens"] for r in mine if r["steps"] == token_steps})
         n = max(r["n"] for r in mine)
-        lines += [f"## {concept}: against steps ({default_tokens} tokens, n = {n} per cell)", "",
-                  "| method | " + " | ".join(f"{s} steps" for s in steps) + " |",
-                  "|---|" + "---|" * len(steps)]
-        for m in methods:
-            by = {r["steps"]: r for r in mine if r["method"] == m and r["tokens"] == default_tokens}
-            lines.append(f"| {m} | " + " | ".join(cell(by[s]) if s in by else "–" for s in steps)
-                         + " |")
-        lines += ["", f"## {concept}: against tokens ({token_steps} steps)", "",
-                  "| method | " + " | ".join(f"{t} tokens" for t in tokens) + " |",
-                  "|---|" + "---|" * len(tokens)]
-        for m in methods:
-            by = {r["tokens"]: r for r in mine if r["method"] == m and r["steps"] == token_steps}
-            lines.append(f"| {m} | " + " | ".join(cell(by[t]) if t in by else "–" for t in tokens)
-                         + " |")
+        lines += table(f"{concept}: against steps ({default_tokens} tokens, n = {n} per cell)",
+                       "steps", steps, [r for r in mine if r["tokens"] == default_tokens])
+        lines += [""] + table(f"{concept}: against tokens ({token_steps} steps)", "tokens",
+                              tokens, [r for r in mine if r["steps"] == token_steps])
         lines.append("")
     return "\n".join(lines)
 
@@ -200,11 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --steps and --tokens take comma-separated integers, e.g. --steps "
               "0,10,100", file=sys.stderr)
         return 2
-    for run in args.runs:
-        if not (run / "results.json").is_file():
-            print(f"error: {run} holds no results.json: pass finished `receler protocol` run "
-                  "folders", file=sys.stderr)
-            return 2
+    from receler.runs import read_results
+
+    try:
+        results = {run: read_results(run) for run in args.runs}
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.threads:
         import torch
 
@@ -213,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     seen_base: set[str] = set()
     default_tokens = None
     for run in tqdm(args.runs, desc="runs"):
-        res = json.loads((run / "results.json").read_text())
+        res = results[run]
         default_tokens = default_tokens or res["config"]["attack"]["tokens"]
         base_key = f"{res['concept']}|{res['config']['base_dir']}"
         rows += measure_run(run, steps, tokens, TOKEN_STEPS, include_base=base_key not in seen_base)

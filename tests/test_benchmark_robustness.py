@@ -12,18 +12,26 @@ from receler.config import TrainConfig
 from receler.protocol import Protocol, ProtocolConfig
 
 
+def tiny_run(out, model, detector, prompt_sets, *, attack_images, attack_prompts, iterations,
+             target_images, **train):
+    """A finished protocol run on the tiny pipeline, erasers without the attack."""
+    cfg = ProtocolConfig(
+        concept="car", out=out, model=str(model), detector=detector, per_class=1,
+        concept_rows=1, attack_images=attack_images, attack_prompts=attack_prompts,
+        prompts=prompt_sets,
+        train=TrainConfig(concepts="car", iterations=iterations, ddim_steps=3, adv_steps=0,
+                          rank=4, mask_image_every=0, **train),
+        attack=AttackConfig(tokens=2, steps=1, sweeps=1, candidates=2,
+                            target_images=target_images, noise_draws=1))
+    return Protocol(cfg, show_progress=False).run()
+
+
 def test_curves_reuse_the_protocols_attacks_and_pool_every_attack(tiny_model_dir, prompt_sets,
                                                                   colour_detector, tmp_path):
     robustness = load_benchmark("robustness")
     out = tmp_path / "run"
-    cfg = ProtocolConfig(
-        concept="car", out=out, model=str(tiny_model_dir), detector=colour_detector, per_class=1,
-        concept_rows=1, attack_images=2, attack_prompts=2, prompts=prompt_sets,
-        train=TrainConfig(concepts="car", iterations=2, ddim_steps=3, adv_steps=0, rank=4,
-                          mask_image_every=0),
-        attack=AttackConfig(tokens=2, steps=1, sweeps=1, candidates=2, target_images=1,
-                            noise_draws=1))
-    res = Protocol(cfg, show_progress=False).run()
+    res = tiny_run(out, tiny_model_dir, colour_detector, prompt_sets, attack_images=2,
+                   attack_prompts=2, iterations=2, target_images=1)
     soft = sorted((out / "attack" / "soft").glob("*.json"))
     before = {p: p.read_text() for p in soft}
 
@@ -63,14 +71,8 @@ def test_anatomy_compares_the_erasers_under_plain_and_attacked_prompts(tiny_mode
                                                                       colour_detector, tmp_path):
     anatomy = load_benchmark("attack_anatomy")
     out = tmp_path / "run"
-    cfg = ProtocolConfig(
-        concept="car", out=out, model=str(tiny_model_dir), detector=colour_detector, per_class=1,
-        concept_rows=1, attack_images=1, attack_prompts=1, prompts=prompt_sets,
-        train=TrainConfig(concepts="car", iterations=3, ddim_steps=3, adv_steps=0, rank=4,
-                          lr=1e-2, mask_image_every=0),
-        attack=AttackConfig(tokens=2, steps=1, sweeps=1, candidates=2, target_images=2,
-                            noise_draws=1))
-    Protocol(cfg, show_progress=False).run()
+    tiny_run(out, tiny_model_dir, colour_detector, prompt_sets, attack_images=1,
+             attack_prompts=1, iterations=3, target_images=2, lr=1e-2)
     item = anatomy.anatomy(out, steps=2)
     assert item["attack_tokens"] == 2 and item["prompt"] == "a photo of a car"
     assert [r["timestep"] for r in item["timesteps"]] == anatomy.TIMESTEPS
