@@ -137,6 +137,9 @@ def test_existing_output_is_refused_without_overwrite(pipe, tmp_path):
     ({"lr": float("nan")}, "lr must be a finite"),
     ({"mask_threshold": 1.5}, "mask_threshold"),
     ({"adv_steps": -1}, "adv_steps must be >= 0"),
+    ({"zt_base": 1.5}, "zt_base must lie in"),
+    ({"zt_base": float("nan")}, "zt_base must lie in"),
+    ({"base_images": 0}, "base_images must be positive"),
 ])
 def test_bad_settings_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -264,3 +267,43 @@ def test_anchors_naming_an_erased_concept_are_dropped(pipe, tmp_path):
                                    concepts="car, cat"), tmp_path)
     assert trainer.anchor_texts == ["a dog"] and len(trainer.anchors) == 1
     assert trainer.anchor_empty
+
+
+def test_base_image_share_draws_z_t_from_the_frozen_models_images(pipe, tmp_path):
+    trainer = Trainer(pipe, config(zt_base=1.0, base_images=2, adv_steps=0), tmp_path)
+    images = trainer.base_latents["car"]
+    assert images.shape[0] == 2 and not torch.equal(images[0], images[1])
+    first_pass = trainer.passes.forward
+    assert first_pass == 2 * 2 * 4  # 2 images × 4 DDIM steps × (∅, c)
+    state = trainer.generator.get_state()
+    concept, steps, z, t = trainer.sample_zt()
+    assert trainer.passes.forward == first_pass  # noising a stored image costs no pass
+    # replayed: the share's draw, the step, the image, the noise; z_t = √ᾱ·x0 + √(1−ᾱ)·ε
+    g = torch.Generator().set_state(state)
+    torch.rand((), generator=g)
+    assert steps == int(torch.randint(4, (1,), generator=g))
+    x0 = images[int(torch.randint(2, (1,), generator=g))]
+    noise = torch.randn((1, *trainer.latent_shape), generator=g)
+    alpha = trainer.sched.alphas_cumprod[int(t)]
+    assert torch.allclose(z, alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise, atol=1e-5)
+    trainer.train()
+    rows = log_rows(tmp_path)
+    # after the images: 2 frozen + 1 erased pass per iteration, no trajectory passes
+    assert rows[-1]["unet_forward"] == first_pass + 4 * 3
+
+
+def test_base_image_share_resumes_exactly(tiny_model_dir, tmp_path):
+    from receler import load_pipeline
+
+    cfg = dict(zt_base=0.5, base_images=2)
+    full = load_pipeline(str(tiny_model_dir), device="cpu")
+    Trainer(full, config(**cfg), tmp_path / "full").train()
+    part = load_pipeline(str(tiny_model_dir), device="cpu")
+    stop_at_3 = lambda tr, r: tr.request_stop() if r.iteration == 3 else None  # noqa: E731
+    with pytest.raises(TrainingInterrupted):
+        Trainer(part, config(**cfg), tmp_path / "part", callbacks=[stop_at_3]).train()
+    resumed = load_pipeline(str(tiny_model_dir), device="cpu")
+    Trainer(resumed, config(**cfg), tmp_path / "part").train(resume=True)
+    a, b = eraser_weights(full), eraser_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert log_rows(tmp_path / "full") == log_rows(tmp_path / "part")

@@ -162,6 +162,12 @@ class TrainConfig:
     ddim_steps: int = _f(50, "DDIM steps of the z_t sampler; t is drawn from them")
     zt_reuse: int = _f(1, "iterations that draw z_t from one cached DDIM trajectory (1 = a "
                           "fresh partial trajectory every iteration, as in the paper)")
+    zt_base: float = _f(
+        0.0, "share of iterations whose z_t is one of the frozen model's own images of the "
+        "concept, noised to t (the latents the evaluation's soft-prompt attack is fitted on), "
+        "instead of a partial trajectory of the erased model (0 = never, as in the paper)")
+    base_images: int = _f(8, "images of each concept the frozen model draws once for --zt-base")
+    base_guidance: float = _f(7.5, "classifier-free guidance of those images")
     reg_weight: float = _f(0.1, "weight of the concept-localised regularisation (0 = off)")
     mask_source: str = _f(
         "attention", "what the concept mask is made from: 'attention' (the frozen UNet's "
@@ -202,7 +208,7 @@ class TrainConfig:
     def __post_init__(self):
         self.concepts = parse_concepts(self.concepts)
         positive = {"iterations": self.iterations, "rank": self.rank, "ddim_steps": self.ddim_steps,
-                    "zt_reuse": self.zt_reuse,
+                    "zt_reuse": self.zt_reuse, "base_images": self.base_images,
                     "adv_tokens": self.adv_tokens, "adv_pool": self.adv_pool,
                     "checkpoint_every": self.checkpoint_every}
         for name, value in positive.items():
@@ -215,7 +221,10 @@ class TrainConfig:
         for name, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        for name in ("lr", "adv_lr", "eta", "start_guidance", "reg_weight", "anchor_weight"):
+        if not 0.0 <= self.zt_base <= 1.0:  # also refuses NaN
+            raise ValueError(f"zt_base must lie in [0, 1], got {self.zt_base}")
+        for name in ("lr", "adv_lr", "eta", "start_guidance", "base_guidance", "reg_weight",
+                     "anchor_weight"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0 or self.adv_lr <= 0:

@@ -3,7 +3,9 @@
 One iteration, for the next concept ``c`` in turn:
 
 1. sample ``z_t`` by DDIM with the *erased* model and the concept prompt, up to a
-   random step (no gradient);
+   random step (no gradient); or, on a ``zt_base`` share of the iterations, take one of
+   the frozen model's own images of the concept (drawn once) noised to a random ``t``:
+   the latents the evaluation's soft-prompt attack fits its tokens on;
 2. with the erasers off (the frozen model, same UNet, no copy): ``ε(z_t, t, ∅)`` and
    ``ε(z_t, t, c)``, the latter while capturing cross-attention for the concept mask;
 3. adversarial prompt learning: ``adv_steps`` updates of the concept's soft tokens so
@@ -55,6 +57,7 @@ from .objective import (
 from .pipeline import (
     concept_token_indices,
     ddim_scheduler,
+    ddim_until,
     encode,
     latent_shape,
     unet_eps,
@@ -156,6 +159,16 @@ class Trainer(TrainingLoop):
             self.adv_start_values[c] = inits
             self.adv[c] = [init.clone().requires_grad_(True) for init in inits]
             self.adv_opts[c] = [self._adv_optimizer(p) for p in self.adv[c]]
+        # ``zt_base``: the frozen model's own images of each concept, drawn once (the same
+        # ones again on resume: they come first from the seeded generator).
+        self.base_latents: dict[str, torch.Tensor] = {}
+        if config.zt_base > 0:
+            with erasers_disabled(self.unet):
+                for c in self.concepts:
+                    self.base_latents[c] = torch.cat([
+                        ddim_until(pipe, self.sched, self._noise(), self.uncond, self.cond[c],
+                                   config.base_guidance, config.ddim_steps, count=self.passes)
+                        for _ in range(config.base_images)])
 
     def _adv_optimizer(self, soft: torch.Tensor) -> torch.optim.Optimizer:
         return torch.optim.Adam([soft], lr=self.config.adv_lr,
@@ -177,6 +190,24 @@ class Trainer(TrainingLoop):
         return self.adv[concept][k], self.adv_opts[concept][k]
 
     # ------------------------------------------------------------------ one iteration
+    def sample_zt(self) -> tuple[str, int, torch.Tensor, torch.Tensor]:
+        """``z_t`` of the erased model's own trajectory (the paper), or, on a ``zt_base``
+        share of the iterations, a frozen-model image of the concept noised to ``t``.
+
+        Erasers trained only on their own trajectories never meet a latent that already
+        holds the concept, while the evaluation's attack fits its soft tokens on exactly
+        those (the base model's images, noised): there the eraser, trained under the
+        attack, learns to keep erasing."""
+        cfg = self.config
+        if not self.base_latents or float(torch.rand((), generator=self.generator)) >= cfg.zt_base:
+            return super().sample_zt()
+        concept = cfg.concepts[self.iteration % len(cfg.concepts)]
+        steps_done = int(torch.randint(cfg.ddim_steps, (1,), generator=self.generator))
+        t = self.sched.timesteps[steps_done]
+        images = self.base_latents[concept]
+        x0 = images[int(torch.randint(len(images), (1,), generator=self.generator))][None]
+        return concept, steps_done, self.sched.add_noise(x0, self._noise(), t.reshape(1)), t
+
     def adversarial_hidden(self, concept: str, soft: torch.Tensor) -> torch.Tensor:
         return insert_soft_tokens(self.cond[concept].hidden, soft, self.tokens[concept][-1] + 1)
 
