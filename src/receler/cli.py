@@ -1,5 +1,5 @@
-"""The ``receler`` command line: ``erase``, ``generate``, ``evaluate``, ``attack`` and
-``protocol`` (``generate`` and ``evaluate`` live in ``cli_images``).
+"""The ``receler`` command line: ``erase``, ``generate``, ``evaluate``, ``attack``,
+``protocol`` and ``export`` (``generate`` and ``evaluate`` live in ``cli_images``).
 
 Every training flag comes from :class:`receler.config.TrainConfig`, so the CLI, the
 Python API and the saved JSON cannot drift apart. Bad input ends with one line on
@@ -128,12 +128,70 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preset_flag(r)
     _add_train_flags(r)
 
+    _add_export_parser(sub)
+
     b = sub.add_parser("leaderboard", help="protocol runs side by side: table, JSON, picture")
     b.add_argument("runs", nargs="+", type=Path, help="--out folders of `receler protocol` runs")
     b.add_argument("--out", required=True, type=Path, help="folder for leaderboard.json/.md/.png")
     b.add_argument("--label", action="append", help="a name per run (default: its method)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing leaderboard")
     return parser
+
+
+def _add_export_parser(sub) -> None:
+    from .merge import MergeConfig
+
+    x = sub.add_parser("export", help="merge erasers into the UNet's own weights (distilled): "
+                       "a plain diffusers UNet folder, with no adapter left to detach")
+    x.add_argument("--erasers", required=True, type=Path,
+                   help="folder written by `receler erase` with an eraser method (receler, "
+                        "receler-*)")
+    x.add_argument("--out", required=True, type=Path,
+                   help="folder of the merged UNet (for `receler protocol --unet OUT`)")
+    _add_model_flags(x)  # --model: default the erasers' base model
+    hints = get_type_hints(MergeConfig)
+    for f in fields(MergeConfig):
+        kind = hints[f.name]
+        conv = next(t for t in (int, float, str) if kind is t or t in getattr(kind, "__args__", ()))
+        x.add_argument("--" + f.name.replace("_", "-"), type=conv, default=None,
+                       help=f"{f.metadata['help']} (default: {f.default})")
+    x.add_argument("--resume", action="store_true", help="continue an interrupted export")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    x.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_export(args, argv: list[str]) -> int:
+    from .merge import MergeConfig, check_erasers_folder, check_out
+
+    config = MergeConfig(**{f.name: getattr(args, f.name) for f in fields(MergeConfig)
+                            if getattr(args, f.name) is not None})
+    saved = check_erasers_folder(args.erasers)
+    check_out(args.out, overwrite=args.overwrite, resume=args.resume)
+
+    from .loop import TrainingDiverged, TrainingInterrupted  # heavy imports after the checks
+    from .merge import export_merged
+    from .pipeline import default_model
+
+    pipe = _load(args, args.model or saved.base_model or default_model())
+    try:
+        result = export_merged(pipe, args.erasers, args.out, config, overwrite=args.overwrite,
+                               resume=args.resume, show_progress=not args.quiet)
+    except TrainingInterrupted as e:
+        again = "receler " + " ".join(shlex.quote(a) for a in argv if a != "--resume")
+        print(f"receler: interrupted after iteration {e.iteration}; checkpoint saved in {e.out_dir}."
+              f"\nresume with: {again} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except TrainingDiverged as e:
+        print(f"receler: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    st, fid = result.stats, result.fidelity
+    kept = f"; {fid['kept']:.1%} of the erasers' change of the concept's predictions kept " \
+           f"(held-out MSE to the erased model: base {fid['concept']['mse_base']:.2e}, merged " \
+           f"{fid['concept']['mse_merged']:.2e})" if fid.get("kept") is not None else ""
+    print(f"merged {args.erasers} into {st['trainable_parameters']} UNet weights ({st['seconds']:.0f} "
+          f"s, {st['unet_forward']} UNet forward and {st['unet_backward']} backward passes){kept}; "
+          f"UNet in {args.out}")
+    return 0
 
 
 def cmd_leaderboard(args) -> int:
@@ -373,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         if args.command == "erase":
             return cmd_erase(args, argv)
+        if args.command == "export":
+            return cmd_export(args, argv)
         commands = {"generate": cmd_generate, "evaluate": cmd_evaluate, "attack": cmd_attack,
                     "protocol": cmd_protocol, "leaderboard": cmd_leaderboard}
         return commands[args.command](args)
