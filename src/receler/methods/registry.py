@@ -7,8 +7,9 @@ dispatching on ``eraser_config.json``'s ``method``; ``remove_edit(pipe)`` undoes
 whatever was applied and ``edit_disabled(pipe)`` runs the base model for a block.
 
 Every method reads the shared :class:`~receler.config.TrainConfig` (only the fields
-listed in its :class:`Method` entry) and, for the closed-form edits (UCE, RECE) and SLD,
-an options dataclass.
+listed in its :class:`Method` entry) and, for the closed-form edits (UCE, RECE, SPEED), SLD
+and AdvUnlearn, an options dataclass. AdvUnlearn edits ``pipe.text_encoder`` instead of the
+UNet; ``load_edit``, ``remove_edit`` and ``edit_disabled`` handle both.
 """
 
 from __future__ import annotations
@@ -36,6 +37,18 @@ from ..serialization import (
     work_dir,
 )
 from ..train import Trainer
+from .advunlearn import PAPER_DEFAULTS as ADVUNLEARN_PAPER_DEFAULTS
+from .advunlearn import (
+    TEXT_EDIT_FILE,
+    AdvUnlearnOptions,
+    AdvUnlearnTrainer,
+    apply_text_encoder_edit,
+    count_advunlearn_parameters,
+    read_text_encoder_edit,
+    restore_text_encoder_edit,
+    text_encoder_edit,
+    text_encoder_edit_disabled,
+)
 from .edits import (
     EDIT_FILE,
     EditConfig,
@@ -57,6 +70,9 @@ logger = logging.getLogger(__name__)
 
 _ESD_FIELDS = ("concepts", "iterations", "lr", "eta", "start_guidance", "ddim_steps", "seed",
                "checkpoint_every")
+_ADVUNLEARN_FIELDS = ("concepts", "iterations", "lr", "eta", "start_guidance", "ddim_steps",
+                      "zt_reuse", "adv_steps", "adv_tokens", "adv_lr", "adv_start", "seed",
+                      "checkpoint_every")
 _RECELER_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
@@ -106,6 +122,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            files=(EDIT_FILE,)),
     Method("sld", "SLD: safety guidance at inference (hooks on the UNet), nothing trained",
            ("concepts",), options=SldOptions),
+    Method("advunlearn", "AdvUnlearn: adversarial training of the text encoder (ESD's erase "
+           "loss through the frozen UNet, soft-token attack, retain term)", _ADVUNLEARN_FIELDS,
+           options=AdvUnlearnOptions, paper_defaults=ADVUNLEARN_PAPER_DEFAULTS, resumable=True,
+           files=(TEXT_EDIT_FILE,)),
 ]}
 
 
@@ -156,9 +176,12 @@ def method_options(name: str, options: Any = None) -> Any:
 
 def trainable_parameters(name: str, pipe, config: TrainConfig | None = None, *,
                          options: Any = None) -> int:
-    """Parameters the method changes on ``pipe.unet`` (erasers for Receler, 0 for SLD);
-    ``options`` matter for SPEED (which projections it edits)."""
+    """Parameters the method changes: on ``pipe.unet`` (erasers for Receler, 0 for SLD) or,
+    for AdvUnlearn, on ``pipe.text_encoder``; ``options`` matter for SPEED (which
+    projections it edits) and AdvUnlearn (which layers it trains)."""
     unet = pipe.unet
+    if name == "advunlearn":
+        return count_advunlearn_parameters(pipe.text_encoder, method_options(name, options))
     if name.startswith("esd-"):
         return count_esd_parameters(unet, name)
     if name in ("uce", "rece"):
@@ -205,12 +228,18 @@ def _check_folder(method: Method, out_dir: Path, *, overwrite: bool, resume: boo
             raise ValueError(f"{method.name} has no training loop to resume: drop --resume")
         check_out_dir(out_dir, overwrite=overwrite, resume=True)
         return
-    holds = [n for n in (CONFIG_FILE, ERASERS_FILE, EDIT_FILE, CHECKPOINT_FILE)
+    holds = [n for n in (CONFIG_FILE, ERASERS_FILE, EDIT_FILE, TEXT_EDIT_FILE, CHECKPOINT_FILE)
              if (out_dir / n).exists()]
     if holds and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {holds[0]}: pass --overwrite to replace "
                               "it, --resume to continue it, or choose another --out")
     check_out_dir(out_dir, overwrite=overwrite, resume=False)  # e.g. --out is a file
+
+
+def _holds_edit(pipe) -> bool:
+    unet = pipe.unet
+    return bool(get_erasers(unet) or current_edit(unet) is not None or get_sld(unet) is not None
+                or text_encoder_edit(pipe) is not None)
 
 
 def _write_config(out_dir: Path, config: EditConfig) -> None:
@@ -234,10 +263,11 @@ def erase_with(name: str, pipe, config: TrainConfig, out_dir: str | Path, *,
         out_dir: result folder (refused if it already holds one, unless ``overwrite``).
         base_model: recorded in ``eraser_config.json``.
         options: the method's settings (:class:`UceOptions`, :class:`ReceOptions`,
-            :class:`SpeedOptions`, :class:`SldOptions` or a dict); ``None``: what
+            :class:`SpeedOptions`, :class:`SldOptions`, :class:`AdvUnlearnOptions` or a
+            dict); ``None``: what
             ``base_model``'s ``receler_defaults.json`` recommends (``"erase"`` → method →
             ``"options"``, used only when no options are given), else the defaults.
-        callbacks: ``cb(trainer, result)`` after each iteration (Receler and ESD).
+        callbacks: ``cb(trainer, result)`` after each iteration (Receler, ESD, AdvUnlearn).
 
     Returns:
         The :class:`EditConfig` written to ``out_dir/eraser_config.json``, with ``stats``.
@@ -251,7 +281,7 @@ def erase_with(name: str, pipe, config: TrainConfig, out_dir: str | Path, *,
             logger.info("%s options recommended by %s: %s", name, base_model, options)
     opts = method_options(name, options)
     unet = pipe.unet
-    if get_erasers(unet) or current_edit(unet) is not None or get_sld(unet) is not None:
+    if _holds_edit(pipe):
         raise ValueError("this pipeline already holds an edit: remove_edit(pipe) first, or load "
                          "a fresh pipeline")
     _check_folder(method, out_dir, overwrite=overwrite, resume=resume)
@@ -277,6 +307,12 @@ def erase_with(name: str, pipe, config: TrainConfig, out_dir: str | Path, *,
         if not resume:
             start_work_dir(final_dir, out_dir)
         result = trainer.train(resume=resume)
+    elif name == "advunlearn":
+        trainer = AdvUnlearnTrainer(pipe, config, out_dir, options=opts, base_model=base_model,
+                                    callbacks=callbacks, show_progress=show_progress)
+        if not resume:
+            start_work_dir(final_dir, out_dir)
+        result = trainer.train(resume=resume)
     elif name in _CLOSED_FORM:
         edited, extra = _CLOSED_FORM[name](pipe, list(config.concepts), opts)
         start_work_dir(final_dir, out_dir)
@@ -291,14 +327,15 @@ def erase_with(name: str, pipe, config: TrainConfig, out_dir: str | Path, *,
         result = EditConfig(**common, rank=0, stats={
             "trainable_parameters": 0, "unet_forward": 0, "unet_backward": 0, "seconds": 0.0})
     _write_config(out_dir, result)
-    for stale in {ERASERS_FILE, EDIT_FILE} - set(method.files):  # another method's weights
+    for stale in {ERASERS_FILE, EDIT_FILE, TEXT_EDIT_FILE} - set(method.files):  # another method's weights
         (out_dir / stale).unlink(missing_ok=True)
     commit_work_dir(final_dir, out_dir)
     return result
 
 
 def load_edit(pipe, out_dir: str | Path, *, keep_original: bool = True) -> EditConfig:
-    """Apply the result in ``out_dir`` (erasers, replaced UNet weights or SLD) to ``pipe``.
+    """Apply the result in ``out_dir`` (erasers, replaced UNet or text-encoder weights, or
+    SLD) to ``pipe``.
 
     Everything is checked before the UNet changes: a file made for another UNet is
     refused with the parameter and both shapes.
@@ -319,10 +356,13 @@ def load_edit(pipe, out_dir: str | Path, *, keep_original: bool = True) -> EditC
     config = EditConfig.load(folder / CONFIG_FILE)
     method = get_method(config.method)
     unet = pipe.unet
-    if get_erasers(unet) or current_edit(unet) is not None or get_sld(unet) is not None:
+    if _holds_edit(pipe):
         raise ValueError("this pipeline already holds an edit: remove_edit(pipe) first")
     if method.uses_erasers:
         load_erasers(pipe, folder)
+    elif TEXT_EDIT_FILE in method.files:
+        tensors = read_text_encoder_edit(pipe.text_encoder, folder / TEXT_EDIT_FILE)
+        apply_text_encoder_edit(pipe.text_encoder, tensors, keep_original=keep_original)
     elif EDIT_FILE in method.files:
         tensors = read_unet_edit(unet, folder / EDIT_FILE, method=method.name)
         apply_unet_edit(unet, tensors, method=method.name, keep_original=keep_original)
@@ -338,9 +378,9 @@ def remove_edit(pipe) -> list[str]:
         removed.append("erasers")
     if remove_sld(unet):
         removed.append("sld")
-    method = restore_unet_edit(unet)
-    if method is not None:
-        removed.append(method)
+    for method in (restore_unet_edit(unet), restore_text_encoder_edit(pipe)):
+        if method is not None:
+            removed.append(method)
     return removed
 
 
@@ -352,6 +392,7 @@ def edit_disabled(pipe) -> Iterator[None]:
     with ExitStack() as stack:
         stack.enter_context(erasers_disabled(unet))
         stack.enter_context(unet_edit_disabled(unet))
+        stack.enter_context(text_encoder_edit_disabled(pipe))
         if sld is not None:
             sld.enabled = False
             stack.callback(setattr, sld, "enabled", True)
