@@ -1,0 +1,182 @@
+"""The robustness–locality trade-off: every finished run as one point per concept.
+
+For each protocol run given (any method or setting), soft-prompt attack success (pooled
+over the protocol's independent attacks, with its Wilson 95% interval) against Acc_L, at
+the evaluation's attack budget and at 3× it. A run is on the Pareto front when no other run
+of the same concept has both a higher (or equal) Acc_L and a lower (or equal) attack
+success, one of them strictly.
+
+    python benchmarks/pareto.py runs/benchmark/full/*/* --out benchmarks/results/pareto
+
+writes ``pareto.json`` (one row per run: method, concept, seed, acc_e, acc_r, acc_l, h,
+attack rate with n and interval at both budgets, on_front), ``pareto.md`` and
+``pareto_<concept>.png`` (Acc_L across, attack success up; 95% intervals as bars; the
+front's points ringed). Folders without ``results.json`` (base folders, unfinished runs)
+are skipped with their names printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = [(200, 40, 40), (40, 110, 200), (30, 150, 60), (150, 60, 160), (230, 140, 20),
+           (20, 160, 160), (120, 120, 120), (90, 50, 20), (220, 90, 170), (0, 0, 0)]
+
+
+def row_of(run: Path, res: dict) -> dict:
+    """One point: the run's label (folder name), its quality and both attack budgets."""
+    conf = run / "erasers" / "eraser_config.json"  # the training seed, where one trained
+    seed = (json.loads(conf.read_text()).get("train") or {}).get("seed") if conf.is_file() else None
+    row = {"method": run.name, "concept": res["concept"], "run": str(run), "seed": seed}
+    for k in ("acc_e", "acc_r", "acc_l", "h"):
+        row[k] = res.get(k)
+    for suffix in ("", "_3x"):
+        row[f"attack{suffix}"] = res.get(f"attack_success_soft{suffix}")
+        row[f"attack{suffix}_n"] = res.get(f"attack_n{suffix}")
+        row[f"attack{suffix}_ci"] = res.get(f"attack_ci{suffix}")
+    return row
+
+
+def mark_front(rows: list[dict], attack: str = "attack") -> None:
+    """``on_front``: not dominated in (higher Acc_L, lower attack success) within a concept."""
+    for r in rows:
+        if r["acc_l"] is None or r[attack] is None:
+            r[f"on_front{attack[6:]}"] = False
+            continue
+        r[f"on_front{attack[6:]}"] = not any(
+            o is not r and o["concept"] == r["concept"] and o["acc_l"] is not None
+            and o[attack] is not None and o["acc_l"] >= r["acc_l"] and o[attack] <= r[attack]
+            and (o["acc_l"] > r["acc_l"] or o[attack] < r[attack]) for o in rows)
+
+
+def to_markdown(rows: list[dict]) -> str:
+    def rate(r, s):
+        if r[f"attack{s}"] is None:
+            return "–"
+        ci = r[f"attack{s}_ci"]
+        return (f"{r[f'attack{s}']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] (n {r[f'attack{s}_n']})"
+                if ci else f"{r[f'attack{s}']:.2f}")
+
+    def num(v):
+        return "–" if v is None else f"{v:.2f}"
+
+    lines = ["# Robustness against locality", "",
+             "Soft-prompt attack success (pooled over independent attacks, Wilson 95% "
+             "interval, n attacked images) against Acc_L. **front**: no other run of the "
+             "concept has both higher-or-equal Acc_L and lower-or-equal attack success "
+             "(at the evaluation's budget; `3×` at three times it).", ""]
+    for concept in dict.fromkeys(r["concept"] for r in rows):
+        lines += [f"## {concept}", "",
+                  "| run | Acc_E | Acc_R | Acc_L | H | attack | attack 3× | front | front 3× |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        mine = sorted((r for r in rows if r["concept"] == concept),
+                      key=lambda r: (r["attack"] is None, r["attack"] or 0, -(r["acc_l"] or 0)))
+        for r in mine:
+            lines.append(f"| {r['method']} | {num(r['acc_e'])} | {num(r['acc_r'])} | "
+                         f"{num(r['acc_l'])} | {num(r['h'])} | {rate(r, '')} | {rate(r, '_3x')}"
+                         f" | {'yes' if r['on_front'] else ''} | "
+                         f"{'yes' if r['on_front_3x'] else ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_picture(rows: list[dict], concept: str, size: tuple[int, int] = (760, 460)
+               ) -> Image.Image:
+    """Acc_L across (its range, padded), attack success up (0-1); filled dots at the
+    evaluation's budget, hollow at 3×, joined per run; intervals as bars."""
+    mine = [r for r in rows if r["concept"] == concept and r["acc_l"] is not None
+            and r["attack"] is not None]
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = 60, 30, w - 290, h - 50
+    d.rectangle((x0, y0, x1, y1), outline="black")
+    d.text((x0, 8), f"{concept}: attack success (filled: eval budget, hollow: 3x) against "
+                    "Acc_L", fill="black")
+    lo = min([r["acc_l"] for r in mine] + [0.9]) - 0.02
+    hi = 1.0 + 0.01
+
+    def x(v):
+        return x0 + (x1 - x0) * (v - lo) / (hi - lo)
+
+    def y(v):
+        return y1 - (y1 - y0) * v
+
+    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
+        d.line((x0, y(v), x1, y(v)), fill=(225, 225, 225))
+        d.text((x0 - 34, y(v) - 6), f"{v:.2f}", fill="black")
+    for i in range(5):
+        v = lo + (hi - lo) * i / 4
+        d.text((x(v) - 12, y1 + 6), f"{v:.2f}", fill="black")
+    d.text(((x0 + x1) // 2 - 20, y1 + 24), "Acc_L", fill="black")
+    for i, r in enumerate(mine):
+        col = COLOURS[i % len(COLOURS)]
+        px = x(r["acc_l"]) + (i - len(mine) / 2) * 1.5  # keep equal Acc_L apart
+        for s, filled in (("", True), ("_3x", False)):
+            if r[f"attack{s}"] is None:
+                continue
+            py = y(r[f"attack{s}"])
+            if r[f"attack{s}_ci"]:
+                d.line((px, y(r[f"attack{s}_ci"][0]), px, y(r[f"attack{s}_ci"][1])), fill=col)
+            box = (px - 4, py - 4, px + 4, py + 4)
+            d.ellipse(box, fill=col if filled else None, outline=col, width=2)
+            if r[f"on_front{s}"]:
+                d.ellipse((px - 7, py - 7, px + 7, py + 7), outline="black")
+        if r["attack_3x"] is not None:
+            d.line((px, y(r["attack"]), px, y(r["attack_3x"])), fill=col)
+        d.rectangle((x1 + 12, y0 + 18 * i + 3, x1 + 22, y0 + 18 * i + 13), fill=col)
+        d.text((x1 + 28, y0 + 18 * i), r["method"][:42], fill="black")
+    return img
+
+
+def write(rows: list[dict], out: Path) -> list[Path]:
+    from receler.serialization import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "pareto.json", out / "pareto.md"]
+    text = json.dumps(rows, indent=2) + "\n"
+    atomic_write(paths[0], lambda tmp: tmp.write_text(text))
+    md = to_markdown(rows) + "\n"
+    atomic_write(paths[1], lambda tmp: tmp.write_text(md))
+    for concept in dict.fromkeys(r["concept"] for r in rows):
+        p = out / f"pareto_{concept}.png"
+        atomic_write(p, lambda tmp, c=concept: to_picture(rows, c).save(tmp, "PNG"))
+        paths.append(p)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="`receler protocol` run folders")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pareto")
+    args = ap.parse_args(argv)
+    from receler.runs import read_results
+
+    rows = []
+    for run in args.runs:
+        if not (run / "results.json").is_file():
+            print(f"skipped {run}: no results.json", file=sys.stderr)
+            continue
+        try:
+            rows.append(row_of(run, read_results(run)))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if not rows:
+        print("error: none of the folders holds a finished run (results.json): pass "
+              "`receler protocol --out` folders", file=sys.stderr)
+        return 2
+    mark_front(rows)
+    mark_front(rows, "attack_3x")
+    for p in write(rows, args.out):
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

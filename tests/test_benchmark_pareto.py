@@ -1,0 +1,50 @@
+"""benchmarks/pareto.py: the robustness–locality front over finished runs."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import load_benchmark
+from PIL import Image
+
+
+def fake_run(folder, concept, acc_l, attack, attack_3x, seed=0):
+    """A results.json with the keys the front reads (what a protocol run writes)."""
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({
+        "concept": concept, "acc_e": 0.0, "acc_r": 0.0, "acc_l": acc_l, "h": 0.9,
+        "attack_success_soft": attack, "attack_n": 50, "attack_ci": [0.0, 0.1],
+        "attack_success_soft_3x": attack_3x, "attack_n_3x": 50, "attack_ci_3x": [0.0, 0.2]}))
+    (folder / "erasers").mkdir()
+    (folder / "erasers" / "eraser_config.json").write_text(json.dumps({"train": {"seed": seed}}))
+    return folder
+
+
+def test_front_keeps_the_undominated_runs_of_each_concept(tmp_path, capsys):
+    pareto = load_benchmark("pareto")
+    runs = [fake_run(tmp_path / "star" / "a", "star", 1.00, 0.30, 0.9),   # best locality
+            fake_run(tmp_path / "star" / "b", "star", 0.95, 0.00, 0.5, seed=2),  # most robust
+            fake_run(tmp_path / "star" / "c", "star", 0.95, 0.10, 0.2),   # dominated by b
+            fake_run(tmp_path / "heart" / "a", "heart", 0.80, 0.50, 0.6)]  # alone: on front
+    (tmp_path / "star" / "base").mkdir()  # no results.json: skipped, named
+    out = tmp_path / "out"
+    assert pareto.main([*map(str, runs), str(tmp_path / "star" / "base"), "--out", str(out)]) == 0
+    assert "skipped" in capsys.readouterr().err
+    rows = {(r["concept"], r["method"]): r for r in json.loads((out / "pareto.json").read_text())}
+    assert [rows["star", m]["on_front"] for m in "abc"] == [True, True, False]
+    # at 3×, c (same Acc_L as b, lower attack) dominates b; a keeps the best Acc_L
+    assert [rows["star", m]["on_front_3x"] for m in "abc"] == [True, False, True]
+    assert rows["heart", "a"]["on_front"] and rows["star", "b"]["seed"] == 2
+    assert rows["star", "a"]["attack_n"] == 50 and rows["star", "a"]["attack_ci"] == [0.0, 0.1]
+    md = (out / "pareto.md").read_text()
+    assert "## star" in md and "## heart" in md and "0.00 [0.00, 0.10] (n 50)" in md
+    assert Image.open(out / "pareto_star.png").size == (760, 460)
+
+
+def test_no_finished_run_is_a_one_line_error(tmp_path, capsys):
+    pareto = load_benchmark("pareto")
+    (tmp_path / "base").mkdir()
+    assert pareto.main([str(tmp_path / "base"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: none of the folders holds a finished run")
+    assert not (tmp_path / "out").exists()
