@@ -131,6 +131,15 @@ ERASE_DEFAULTS: dict[str, dict] = {
     "rece": {"options": {"preserve": list(CLASSES)}},
     "speed": {"options": {"tokens": "all", "preserve": list(CLASSES)}},
     "sld": {"options": {"preset": "max", "warmup": 2}},
+    # AdvUnlearn (docs/methods.md, 2026-12-04): the code's 1 soft token and attack lr, scaled
+    # to the toy (150 iterations, lr 1e-4 as ESD's, 5 attack steps from iteration 50, the
+    # toy's 20 DDIM steps); the retain term on every class prompt (the erased one dropped).
+    # One trial erased star (16/16 and 16/16 paraphrases gone) and kept 27/27 other images.
+    "advunlearn": {"iterations": 150, "lr": 1e-4, "ddim_steps": 20, "zt_reuse": 5,
+                   "adv_steps": 5, "adv_tokens": 1, "adv_lr": 1e-3, "adv_start": 50,
+                   "options": {"retain": [f"an {c}" if c[0] in "aeiou" else f"a {c}"
+                                          for c in CLASSES],
+                               "retain_batch": 3, "retain_weight": 1.0}},
 }
 
 
