@@ -91,10 +91,11 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass
 class MergeConfig:
-    """Settings of ``receler export``. ``None`` takes the erasers' own training setting."""
+    """Settings of ``receler export``. ``None`` takes the erasers' own training setting. The
+    defaults did best in a sweep on the toy model (docs/merge.md)."""
 
-    iterations: int = _f(300, "distillation iterations (one z_t each)")
-    lr: float = _f(1e-3, "learning rate of the merged weights (Adam)")
+    iterations: int = _f(600, "distillation iterations (one z_t each)")
+    lr: float = _f(3e-4, "learning rate of the merged weights (Adam)")
     params: str = _f("to_out,to_k,to_v", "cross-attention (attn2) projections that are "
                      "fine-tuned, comma-separated: to_q, to_k, to_v, to_out")
     retain: str | None = _f(None, "retain prompts separated by '|' whose predictions must "
