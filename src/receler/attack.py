@@ -5,8 +5,13 @@ by the *base* model (erasers or edits off), noised at random timesteps, and the 
 model must predict the added noise when prompted with ``prompt ⊕ attack``. A model that
 has really forgotten the concept cannot denoise its images, whatever the prompt.
 
-* :func:`soft_prompt_attack` (white-box): K continuous token embeddings written into the
-  prompt embedding after the prompt's tokens, optimised by gradient descent.
+* :func:`soft_prompt_attack` (white-box): K continuous tokens after the prompt's tokens,
+  optimised by gradient descent. In the ``"output"`` space (the default) they are written
+  into the text encoder's output, the UNet's conditioning; in the ``"input"`` space (where
+  UnlearnDiffAtk optimises) they are word embeddings that the text encoder runs on, so an
+  erasure that edits the encoder (AdvUnlearn) is attacked through its edit. The output
+  space bypasses the encoder, which makes it the stronger attack on UNet-side erasures and
+  no test at all of an encoder-side one.
 * :func:`discrete_token_attack`: K vocabulary tokens appended to the prompt text, chosen
   position by position by a search over candidate tokens on the same loss.
 
@@ -15,9 +20,9 @@ Success is then measured by generating with the attacked prompt and running a de
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +30,8 @@ from tqdm.auto import tqdm
 
 from .objective import insert_soft_tokens
 from .pipeline import Conditioning, encode, latent_shape, unet_eps
+
+SPACES = ("output", "input")  # where the soft-prompt attack's tokens go (AttackConfig.space)
 
 
 @dataclass
@@ -39,11 +46,23 @@ class AttackConfig:
     noise_draws: int = 4  # (image, t, ε) draws per loss evaluation
     candidates: int = 64  # vocabulary tokens tried per position (discrete)
     seed: int = 0
+    space: str = "output"  # soft tokens in the text encoder's output or input (SPACES)
 
     def __post_init__(self):
         for name in ("tokens", "steps", "sweeps", "target_images", "noise_draws", "candidates"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"attack {name} must be positive, got {getattr(self, name)}")
+        if self.space not in SPACES:
+            raise ValueError(f"attack space must be one of {', '.join(SPACES)}, got "
+                             f"{self.space!r}")
+
+    def key(self) -> dict:
+        """The settings as a dict for cache keys and ``results.json``: ``space`` only when
+        it is not ``"output"``, so that keys written before the field existed still match."""
+        out = asdict(self)
+        if out["space"] == "output":
+            del out["space"]
+        return out
 
 
 @torch.no_grad()
@@ -102,7 +121,7 @@ class DenoisingLoss:
 
 def soft_prompt_attack(pipe, prompt: str, latents: torch.Tensor, config: AttackConfig, *,
                        show_progress: bool = False) -> tuple[torch.Tensor, list[float]]:
-    """Optimise ``config.tokens`` soft embeddings after ``prompt``'s tokens.
+    """Optimise ``config.tokens`` soft tokens after ``prompt``'s tokens, in ``config.space``.
 
     Returns:
         The attacked prompt embedding ``(1, T, D)`` and the loss per step.
@@ -120,19 +139,16 @@ def soft_attack_trajectory(pipe, prompt: str, latents: torch.Tensor, config: Att
 
     Adam has no schedule, so the embedding after ``s`` steps of a longer run is the one a
     run of ``s`` steps would return: one run measures every budget of a curve. Step 0 is the
-    prompt itself (the soft tokens start as the embeddings they replace).
+    prompt itself (the soft tokens start as the hidden states or word embeddings they
+    replace, by ``config.space``).
 
     Returns:
         ``{steps: attacked prompt embedding (1, T, D)}`` and the loss per step.
     """
     if not checkpoints or min(checkpoints) < 0:
         raise ValueError(f"checkpoints must be attack step counts >= 0, got {checkpoints}")
-    cond = encode(pipe, [prompt])
-    start = len(pipe.tokenizer(prompt)["input_ids"]) - 1  # replace EOS and padding
-    if start + config.tokens > cond.hidden.shape[1]:
-        raise ValueError(f"{config.tokens} attack tokens do not fit after {prompt!r} in "
-                         f"{cond.hidden.shape[1]} positions: use fewer tokens")
-    soft = cond.hidden[0, start:start + config.tokens].float().clone().requires_grad_(True)
+    sp = soft_prompt(pipe, prompt, config.tokens, space=config.space)
+    soft = sp.init.float().clone().requires_grad_(True)
     opt = torch.optim.Adam([soft], lr=config.lr)
     loss_fn = DenoisingLoss(pipe, latents, config.noise_draws, config.seed)
     losses, kept = [], {}
@@ -140,18 +156,108 @@ def soft_attack_trajectory(pipe, prompt: str, latents: torch.Tensor, config: Att
     def keep(step: int) -> None:
         if step in checkpoints:
             with torch.no_grad():
-                kept[step] = insert_soft_tokens(cond.hidden, soft, start)
+                kept[step] = sp.embed(soft)
 
     keep(0)
     for step in tqdm(range(1, max(checkpoints) + 1), desc="soft attack",
                      disable=not show_progress):
-        loss = loss_fn(cond.with_hidden(insert_soft_tokens(cond.hidden, soft, start)))
+        loss = loss_fn(sp.cond.with_hidden(sp.embed(soft)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
         keep(step)
     return kept, losses
+
+
+@dataclass
+class SoftPrompt:
+    """A prompt's embedding as a function of ``K`` soft tokens placed after its tokens."""
+
+    cond: Conditioning  # the prompt's own conditioning (what the attack starts from)
+    start: int  # first soft position: the prompt's end token, then its padding
+    init: torch.Tensor  # (K, D) what the soft tokens replace: hidden states or word embeddings
+    embed: Callable[[torch.Tensor], torch.Tensor]  # (K, D) soft tokens -> (1, T, D) embedding
+
+
+def soft_prompt(pipe, prompt: str, tokens: int, *, space: str = "output") -> SoftPrompt:
+    """The soft-prompt attack's parametrisation of ``prompt`` in ``space`` (:data:`SPACES`).
+
+    ``"output"``: the soft tokens replace positions ``start … start+K−1`` of the encoded
+    prompt, the UNet's conditioning. ``"input"``: they replace the word embeddings at those
+    positions, and the text encoder (edited or not) runs on them; its output is the
+    embedding, with gradients back to the soft tokens. Either way the prompt's end and
+    padding tokens are what is replaced, and step 0 (``embed(init)``) is the prompt itself.
+    """
+    check_attack_space(pipe, space)
+    cond = encode(pipe, [prompt])
+    start = len(pipe.tokenizer(prompt)["input_ids"]) - 1  # replace EOS and padding
+    if start + tokens > cond.hidden.shape[1]:
+        raise ValueError(f"{tokens} attack tokens do not fit after {prompt!r} in "
+                         f"{cond.hidden.shape[1]} positions: use fewer tokens")
+    if space == "output":
+        return SoftPrompt(cond, start, cond.hidden[0, start:start + tokens],
+                          lambda soft: insert_soft_tokens(cond.hidden, soft, start))
+    te, tok = pipe.text_encoder, pipe.tokenizer
+    inputs = tok([prompt], padding="max_length", max_length=tok.model_max_length,
+                 truncation=True, return_tensors="pt")  # as the pipeline's encode_prompt
+    ids = inputs.input_ids.to(te.device)  # (1, T)
+    mask = inputs.attention_mask.to(te.device) \
+        if getattr(te.config, "use_attention_mask", False) else None
+    with torch.no_grad():
+        words = te.get_input_embeddings()(ids)  # (1, T, D_word)
+
+    def embed(soft: torch.Tensor) -> torch.Tensor:
+        return text_encoder_hidden(te, ids, soft=soft, start=start,
+                                   attention_mask=mask).to(cond.hidden.dtype)
+
+    return SoftPrompt(cond, start, words[0, start:start + tokens], embed)
+
+
+def check_attack_space(pipe, space: str) -> None:
+    """Refuse an attack space the pipeline cannot take, before an attack starts."""
+    if space not in SPACES:
+        raise ValueError(f"attack space must be one of {', '.join(SPACES)}, got {space!r}")
+    if space == "input" and getattr(pipe, "text_encoder_2", None) is not None:
+        raise ValueError("the input-space soft attack runs one CLIP text encoder; this "
+                         "pipeline has two (SDXL-style): use the output space")
+    if space == "input" and getattr(pipe, "text_encoder", None) is None:
+        raise ValueError("the input-space soft attack needs the pipeline's text encoder; "
+                         "this pipeline has none: use the output space")
+
+
+@contextmanager
+def token_embeddings_replaced(text_encoder: torch.nn.Module, soft: torch.Tensor,
+                              start: int) -> Iterator[None]:
+    """Positions ``start … start+K−1`` of the token (word) embeddings become ``soft``
+    ``(K, D)`` during the block; the position embeddings are still added after it.
+
+    A forward hook on the encoder's input embeddings, removed in ``finally``: it works with
+    every version of transformers' CLIP text model, whether or not it takes
+    ``inputs_embeds``, and the rest of the encoder runs unchanged.
+    """
+    def hook(module, args, out):  # out: (B, T, D)
+        k = soft.shape[0]
+        s = soft.to(out.dtype).expand(out.shape[0], -1, -1)
+        return torch.cat([out[:, :start], s, out[:, start + k:]], 1)
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def text_encoder_hidden(text_encoder: torch.nn.Module, ids: torch.Tensor, *,
+                        soft: torch.Tensor | None = None, start: int = 1,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The text encoder's last hidden state ``(B, T, D)`` of ``ids``, with gradients (the
+    pipeline's prompt embedding); with ``soft`` ``(K, D)``, the word embeddings at positions
+    ``start …`` are the soft tokens (:func:`token_embeddings_replaced`)."""
+    if soft is None:
+        return text_encoder(ids, attention_mask=attention_mask)[0]
+    with token_embeddings_replaced(text_encoder, soft, start):
+        return text_encoder(ids, attention_mask=attention_mask)[0]
 
 
 @torch.no_grad()

@@ -90,7 +90,7 @@ def soft_attack_suite(pipe, concept: str, plan: list[tuple[str, int]], latents, 
     for i, (prompt, seed) in enumerate(plan):
         cfg = replace(config, seed=seed)
         image_seeds = list(range(IMAGE_SEED0 + i * n_images, IMAGE_SEED0 + (i + 1) * n_images))
-        attack_key = {**key, "prompt": prompt, "attack": {**asdict(cfg), "steps": None},
+        attack_key = {**key, "prompt": prompt, "attack": {**cfg.key(), "steps": None},
                       "image_seeds": image_seeds}
         path = _cache_file(Path(cache_dir), attack_key) if cache_dir is not None else None
         entry = json.loads(path.read_text()) if path is not None and path.is_file() else \

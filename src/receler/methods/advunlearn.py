@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..attack import text_encoder_hidden
 from ..config import TrainConfig
 from ..loop import IterationResult, TrainingLoop
 from ..objective import erase_loss, erase_target
@@ -269,23 +270,6 @@ def text_encoder_edit_disabled(pipe) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def _token_embeddings_replaced(text_encoder: torch.nn.Module, soft: torch.Tensor,
-                               start: int) -> Iterator[None]:
-    """Positions ``start …`` of the token embeddings become ``soft`` (k, D) during the block
-    (the position embeddings are still added after it)."""
-    def hook(module, args, out):  # out: (B, T, D)
-        k = soft.shape[0]
-        s = soft.to(out.dtype).expand(out.shape[0], -1, -1)
-        return torch.cat([out[:, :start], s, out[:, start + k:]], 1)
-
-    handle = text_encoder.get_input_embeddings().register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 # --------------------------------------------------------------------------- training
 class AdvUnlearnTrainer(TrainingLoop):
     """Trains ``pipe.text_encoder`` to erase ``config.concepts`` (see the module docstring).
@@ -352,10 +336,8 @@ class AdvUnlearnTrainer(TrainingLoop):
         mask = None
         if getattr(self.te.config, "use_attention_mask", False):
             mask = (ids != self.tokenizer.pad_token_id).long()
-        if soft is None:
-            return self.te(ids, attention_mask=mask)[0].to(self.uncond.hidden.dtype)
-        with _token_embeddings_replaced(self.te, soft, 1):
-            return self.te(ids, attention_mask=mask)[0].to(self.uncond.hidden.dtype)
+        return text_encoder_hidden(self.te, ids, soft=soft, start=1,
+                                   attention_mask=mask).to(self.uncond.hidden.dtype)
 
     def prefixed_ids(self, concept: str) -> torch.Tensor:
         """``prefix_k`` ids: start token, ``k`` placeholders (the tokens they push out), the
