@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--detector", default="toy", help="detector that decides success")
     a.add_argument("--overwrite", action="store_true", help="replace an existing attack.json")
 
+    from .attack import SPACES
+
     r = sub.add_parser("protocol", help="erase → generate → evaluate → attack → report, or "
                        "measure a model erased elsewhere (--erasers, --unet, --lora)")
     _add_concept_flag(r, "the concept to erase (one)")
@@ -125,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--attack-steps", type=int, default=100,
                    help="soft-prompt attack steps (also measured at 3× this: *_3x keys)")
     r.add_argument("--attack-tokens", type=int, default=8, help="soft-prompt attack tokens")
+    r.add_argument("--attack-space", choices=SPACES, default="output",
+                   help="where the soft-prompt attack's tokens go: the text encoder's output "
+                        "(default; bypasses the encoder) or its input word embeddings "
+                        "(UnlearnDiffAtk's; attacks an edited text encoder through its edit)")
     _add_preset_flag(r)
     _add_train_flags(r)
 
@@ -384,7 +390,8 @@ def cmd_protocol(args) -> int:
                          concept_rows=args.concept_rows, attack_images=args.attack_images,
                          attack_prompts=args.attack_prompts,
                          device=args.device, dtype=args.dtype, train=train,
-                         attack=AttackConfig(steps=args.attack_steps, tokens=args.attack_tokens),
+                         attack=AttackConfig(steps=args.attack_steps, tokens=args.attack_tokens,
+                                             space=args.attack_space),
                          base_dir=args.base_dir, erasers=args.erasers, unet=args.unet,
                          text_encoder=args.text_encoder, lora=args.lora, name=args.name,
                          skip=skip, sample_steps=args.sample_steps,

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .attack import AttackConfig, target_latents
+from .attack import AttackConfig, check_attack_space, target_latents
 from .attack_suite import attack_plan, soft_attack_suite, suite_key
 from .config import TrainConfig
 from .eval.detectors import default_labels, evaluate_images, get_detector
@@ -255,7 +255,7 @@ class Protocol:
         plan = attack_plan(self.rows, cfg.concept, cfg.attack_prompts, first=prompt,
                            seed=cfg.attack.seed)
         budgets = [cfg.attack.steps, cfg.attack.steps * cfg.attack_stronger]
-        key = {"prompt": prompt, "attack": asdict(cfg.attack), "n": cfg.attack_images,
+        key = {"prompt": prompt, "attack": cfg.attack.key(), "n": cfg.attack_images,
                "detector": cfg.detector, "plan": [list(p) for p in plan], "budgets": budgets}
         cache = self.folder("base") / "attack.json"
         if which == "base" and cache.is_file():
@@ -360,6 +360,8 @@ class Protocol:
         device = cfg.device or (state.device if split else None)  # split: a GPU per process
         pipe = self.timed("load", load_pipeline, self.model, device=device, dtype=cfg.dtype)
         self.dtype = str(pipe.unet.dtype).removeprefix("torch.")
+        if attack:
+            check_attack_space(pipe, cfg.attack.space)  # before anything is generated
         self.settings = SamplerSettings.for_model(self.model)
         if cfg.sample_steps is not None:
             self.settings = replace(self.settings, steps=cfg.sample_steps)
@@ -407,7 +409,9 @@ class Protocol:
                        dtype=self.dtype, safety_checker="off",  # load_pipeline never loads it
                        rows={k: len(v) for k, v in self.rows.items()},
                        base_key=base_key, erased_key=erased_key,
+                       attack_space=cfg.attack.space,
                        config=json.loads(json.dumps(asdict(cfg), default=str)))
+        results["config"]["attack"] = cfg.attack.key()  # as runs before the space recorded it
         from .report import write_report
 
         self.timed("report", write_report, cfg.out, results, self.rows)
