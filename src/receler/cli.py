@@ -151,7 +151,7 @@ def _add_export_parser(sub) -> None:
                        "a plain diffusers UNet folder, with no adapter left to detach")
     x.add_argument("--erasers", required=True, type=Path,
                    help="folder written by `receler erase` with an eraser method (receler, "
-                        "receler-*)")
+                        "receler-*); its base model is loaded unless --model is given")
     x.add_argument("--out", required=True, type=Path,
                    help="folder of the merged UNet (for `receler protocol --unet OUT`)")
     _add_model_flags(x)  # --model: default the erasers' base model
@@ -160,7 +160,8 @@ def _add_export_parser(sub) -> None:
         kind = hints[f.name]
         conv = next(t for t in (int, float, str) if kind is t or t in getattr(kind, "__args__", ()))
         x.add_argument("--" + f.name.replace("_", "-"), type=conv, default=None,
-                       help=f"{f.metadata['help']} (default: {f.default})")
+                       help=f.metadata["help"] + ("" if f.default is None
+                                                    else f" (default: {f.default})"))
     x.add_argument("--resume", action="store_true", help="continue an interrupted export")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     x.add_argument("--quiet", action="store_true", help="no progress bar")
