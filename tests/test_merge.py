@@ -168,3 +168,24 @@ def test_cli_refuses_an_existing_out_and_bad_erasers(erasers_dir, tmp_path, caps
     for args, message in cases:
         code, err = export(capsys, *args, "--out", str(tmp_path / "bad"))
         assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+
+
+def test_benchmark_reuses_the_erasers_own_comparable_protocol_run(tmp_path, monkeypatch):
+    from conftest import load_benchmark
+
+    bench = load_benchmark("merge")
+    run_dir = tmp_path / "full" / "star" / "receler_seed1"
+    (run_dir / "erasers").mkdir(parents=True)
+    config = {k: None for k in bench.SAME} | {"skip": ["latency"], "per_class": 10}
+    own = {"base_images": str(tmp_path / "base"), "concept": "star", "config": config}
+    (run_dir / "results.json").write_text(json.dumps(own))
+    args = bench.parse_args(["--erasers", str(run_dir / "erasers"), "--concept", "star",
+                             "--base-dir", str(tmp_path / "base"), "--runs",
+                             str(tmp_path / "runs")])
+    asked = []
+    monkeypatch.setattr(bench, "protocol", lambda args, out, cand: asked.append(out) or {})
+    assert bench.attached_step(args, {"config": config}) == (own, run_dir)
+    assert not asked  # reused, nothing measured again
+    other = {"config": {**config, "per_class": 2}}  # measured with other settings: run anew
+    assert bench.attached_step(args, other) == ({}, tmp_path / "runs" / "attached")
+    assert asked == [tmp_path / "runs" / "attached"]
