@@ -116,8 +116,10 @@ def test_saved_folder_is_a_diffusers_unet_the_protocol_takes(pipe, erasers_dir, 
     assert torch.equal(eps(pipe.unet, pipe, "car"), eps(a, pipe, "car"))
 
 
-def test_resume_equals_an_uninterrupted_run(pipe, erasers_dir, tmp_path):
-    config = MergeConfig(**{**QUICK, "iterations": 5, "zt_reuse": 2})
+@pytest.mark.parametrize("adv_steps", [0, 2])  # 2: the soft prompts are checkpointed too
+def test_resume_equals_an_uninterrupted_run(pipe, erasers_dir, tmp_path, adv_steps):
+    config = MergeConfig(**{**QUICK, "iterations": 5, "zt_reuse": 2, "adv_steps": adv_steps,
+                            "adv_tokens": 2})
     export_merged(pipe, erasers_dir, tmp_path / "whole", config, show_progress=False)
 
     def stop_at_3(loop, result):

@@ -22,7 +22,10 @@ the MSE between the student's ``ε`` and the erased (teacher) model's ``ε``. ``
 as the eraser trainer draws it (:meth:`receler.loop.TrainingLoop.sample_zt`: DDIM partial
 trajectories, here of the erased model, round robin over the erased concepts and the
 retain prompts), and every batch holds ``z_t`` under the erased concepts, the empty prompt
-(the guidance's unconditional branch) and the prompt whose trajectory gave ``z_t``.
+(the guidance's unconditional branch) and the prompt whose trajectory gave ``z_t``. With
+``adv_steps``, the batch also holds the concept under a soft prompt that is attacked, as
+the protocol's soft-prompt attack does, against the merged UNet (towards the base model's
+``ε(c)``) before each step, so the merge is distilled where an attacker would push it too.
 
 Teacher and student share one UNet, as Receler's frozen model does: the UNet keeps its
 base weights and the erasers (the teacher), and the student is the same UNet with the
@@ -64,7 +67,16 @@ from .erasers import (
     remove_erasers,
 )
 from .loop import IterationResult, TrainingLoop
-from .pipeline import Conditioning, ddim_scheduler, ddim_until, encode, latent_shape, unet_eps
+from .objective import attack_step, insert_soft_tokens
+from .pipeline import (
+    Conditioning,
+    concept_token_indices,
+    ddim_scheduler,
+    ddim_until,
+    encode,
+    latent_shape,
+    unet_eps,
+)
 from .serialization import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -106,13 +118,20 @@ class MergeConfig:
     start_guidance: float | None = _f(None, "guidance of the z_t sampler (default: the "
                                             "erasers')")
     zt_reuse: int = _f(5, "iterations that draw z_t from one cached trajectory of a prompt")
+    adv_steps: int = _f(0, "soft-prompt attack steps per iteration against the merged UNet "
+                           "(towards the base model's ε(c)); the attacked concept prompt is "
+                           "then distilled too (0 = no attack)")
+    adv_tokens: int = _f(8, "soft tokens after the concept's tokens (the protocol attacks 8)")
+    adv_lr: float = _f(1e-2, "learning rate of the soft tokens (Adam)")
     eval_trajectories: int = _f(2, "held-out trajectories per prompt for the final fidelity "
                                    "figures (0 = none)")
     seed: int = _f(0, "seed of every random draw of the export")
     checkpoint_every: int = _f(50, "write a resumable checkpoint every N iterations")
 
     def __post_init__(self):
-        for name in ("iterations", "zt_reuse", "checkpoint_every"):
+        if self.adv_steps < 0:
+            raise ValueError(f"adv_steps must be >= 0, got {self.adv_steps}")
+        for name in ("iterations", "zt_reuse", "checkpoint_every", "adv_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.ddim_steps is not None and self.ddim_steps <= 0:
@@ -244,6 +263,17 @@ class MergeLoop(TrainingLoop):
         self.sched = ddim_scheduler(pipe, loop_config.ddim_steps)
         self.uncond = encode(pipe, [""])
         self.cond = {p: encode(pipe, [p]) for p in loop_config.concepts}
+        # adv_steps: one persistent soft prompt per concept, started from the embeddings it
+        # replaces (no change at first), as the eraser trainer's
+        self.adv_start = {c: concept_token_indices(pipe.tokenizer, c)[-1] + 1 for c in concepts}
+        self.adv, self.adv_opts = {}, {}
+        for c, start in (self.adv_start.items() if config.adv_steps else ()):
+            if start + config.adv_tokens > self.uncond.hidden.shape[1]:
+                raise ValueError(f"{config.adv_tokens} soft tokens after concept {c!r} exceed "
+                                 "the prompt length: pass a smaller --adv-tokens")
+            hidden = self.cond[c].hidden[0, start:start + config.adv_tokens]
+            self.adv[c] = hidden.detach().float().clone().requires_grad_(True)
+            self.adv_opts[c] = torch.optim.Adam([self.adv[c]], lr=config.adv_lr)
 
     @property
     def trainable_parameters(self) -> int:
@@ -270,16 +300,42 @@ class MergeLoop(TrainingLoop):
             cond = cond.cat(c)
         return texts, cond
 
+    def attacked(self, concept: str, z: torch.Tensor, t) -> tuple[Conditioning, list[float]]:
+        """``adv_steps`` steps of the concept's soft prompt so that the merged UNet under it
+        predicts the base model's ``ε(c)`` (the protocol's attack); the attacked prompt."""
+        cond, start = self.cond[concept], self.adv_start[concept]
+        with torch.no_grad(), erasers_disabled(self.unet):
+            target = unet_eps(self.unet, z, t, cond)  # the base model: its own weights
+        self.passes(1)
+
+        def predict(soft):
+            return self.student_eps(z, t, cond.with_hidden(
+                insert_soft_tokens(cond.hidden, soft, start)))
+
+        losses = []
+        for _ in range(self.merge.adv_steps):
+            losses.append(attack_step(self.adv[concept], self.adv_opts[concept], predict,
+                                      target))
+            self.passes(1, backward=True)
+        soft = self.adv[concept].detach()
+        return cond.with_hidden(insert_soft_tokens(cond.hidden, soft, start)), losses
+
     def step(self) -> IterationResult:
         prompt, steps_done, z, t = self.sample_zt()  # the erased model's trajectory
         texts, cond = self.batch(prompt)
+        losses = []
+        if self.adv:  # the concepts take turns
+            concept = self.concepts[self.iteration % len(self.concepts)]
+            attacked, losses = self.attacked(concept, z, t)
+            texts, cond = [*texts, f"{concept} + soft tokens"], cond.cat(attacked)
         zb = z.expand(len(texts), *z.shape[1:])
         with torch.no_grad():
             teacher = unet_eps(self.unet, zb, t, cond)  # erasers on: the erased model
         self.passes(len(texts))
         loss = F.mse_loss(self.student_eps(zb, t, cond).float(), teacher.float())
-        self.update(loss, samples=len(texts))
-        return IterationResult(self.iteration, prompt, steps_done, int(t), loss.item(), 0.0)
+        self.update(loss, tuple(losses), samples=len(texts))
+        return IterationResult(self.iteration, prompt, steps_done, int(t), loss.item(), 0.0,
+                               losses)
 
     def postfix(self, r: IterationResult) -> dict[str, str]:
         return {"mse": f"{r.loss_erase:.2e}"}
@@ -289,9 +345,16 @@ class MergeLoop(TrainingLoop):
         tensors = {f"params.{n}": m for n, m in zip(self.names, self.master, strict=True)}
         opt_t, opt_meta = optimizer_tensors(self.optimizer, "optim")
         tensors.update(opt_t)
+        adv_meta = {}
+        for i, c in enumerate(self.concepts):
+            if c in self.adv:
+                tensors[f"adv.{i}"] = self.adv[c].detach()
+                adv_t, adv_meta[c] = optimizer_tensors(self.adv_opts[c], f"adv_optim.{i}")
+                tensors.update(adv_t)
         loop_tensors, meta = self.loop_state()
         tensors.update(loop_tensors)
-        meta.update(method=_METHOD, optim=opt_meta, merge=self.merge.to_dict(),
+        meta.update(method=_METHOD, optim=opt_meta, adv_optim=adv_meta,
+                    merge=self.merge.to_dict(),
                     source=self.source)
         path = self.out_dir / CHECKPOINT_FILE
         save_tensors(path, tensors, meta)
@@ -308,7 +371,7 @@ class MergeLoop(TrainingLoop):
                              "with --overwrite")
         saved, asked = meta["merge"], self.merge.to_dict()
         for key in ("lr", "params", "retain", "ddim_steps", "start_guidance", "zt_reuse",
-                    "seed"):
+                    "seed", "adv_steps", "adv_tokens", "adv_lr"):
             if saved[key] != asked[key]:
                 raise ValueError(f"{path} was made with {key}={saved[key]!r}, not "
                                  f"{asked[key]!r}: resume with the same --{key.replace('_', '-')}"
@@ -321,6 +384,11 @@ class MergeLoop(TrainingLoop):
         for n, m in zip(self.names, self.master, strict=True):
             m.copy_(tensors[f"params.{n}"])
         restore_optimizer(self.optimizer, "optim", tensors, meta["optim"])
+        for i, c in enumerate(self.concepts):
+            if c in self.adv:
+                self.adv[c].copy_(tensors[f"adv.{i}"])
+                restore_optimizer(self.adv_opts[c], f"adv_optim.{i}", tensors,
+                                  meta["adv_optim"][c])
         self.restore_loop_state(tensors, meta)
 
     # ------------------------------------------------------------------ the result
