@@ -307,3 +307,33 @@ def test_base_image_share_resumes_exactly(tiny_model_dir, tmp_path):
     a, b = eraser_weights(full), eraser_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert log_rows(tmp_path / "full") == log_rows(tmp_path / "part")
+
+
+def test_prompt_templates_take_turns_and_the_soft_tokens_follow_the_concept(pipe, tmp_path):
+    from receler.pipeline import encode
+
+    cfg = config(iterations=2, prompt_templates="{}|a photo of a {}")
+    seen, ends = [], []  # every UNet pass's prompt; the pass count at each iteration's end
+    trainer = Trainer(pipe, cfg, tmp_path, callbacks=[lambda tr, r: ends.append(len(seen))])
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"].detach().clone()),
+        with_kwargs=True)
+    try:
+        trainer.train()
+    finally:
+        hook.remove()
+    plain, templated = encode(pipe, ["car"]).hidden, encode(pipe, ["a photo of a car"]).hidden
+    assert trainer.prompt_tokens["car"][1] == [i + 4 for i in trainer.prompt_tokens["car"][0]]
+    first, second = seen[:ends[0]], seen[ends[0]:]  # the eraser step's pass comes last
+    start = trainer.prompt_tokens["car"][1][-1] + 1
+    assert torch.equal(first[-1][0], plain[0])  # iteration 1: the concept alone
+    assert torch.equal(second[-1][0], templated[0])  # iteration 2: the template
+    # its attacked prompt: the template up to the concept, then the soft tokens
+    assert torch.equal(second[-1][1, :start], templated[0, :start])
+    assert torch.equal(second[-1][1, start:start + 4], trainer.adv["car"][0].detach())
+
+
+@pytest.mark.parametrize("templates", ["a photo of {} today", "{} and {}", "a {x} {}"])
+def test_templates_that_do_not_end_with_the_concept_are_refused(templates):
+    with pytest.raises(ValueError, match="must end with"):
+        config(prompt_templates=templates)

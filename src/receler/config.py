@@ -184,6 +184,10 @@ class TrainConfig:
         "prompt, anchored every iteration at no extra UNet pass; the others take turns, one "
         "extra frozen pass per iteration); an anchor naming an erased concept is dropped, "
         "so one retain set serves every concept")
+    prompt_templates: str = _f(
+        "", "prompts the concept is trained on, separated by '|', '{}' standing for the "
+        "concept and ending each one so that the soft tokens follow it as the attack's do "
+        "(e.g. '{}|a photo of a {}'); taken in turn ('' = the concept alone, as in the paper)")
     adv_steps: int = _f(10, "inner soft-prompt attack steps per iteration (0 = no attack)")
     adv_tokens: int = _f(16, "number of adversarial soft tokens after the concept tokens")
     adv_lr: float = _f(1e-2, "learning rate of the adversarial soft tokens (Adam)")
@@ -239,11 +243,20 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got "
                                  f"{getattr(self, name)!r}")
+        for t in self.templates:
+            if t.count("{}") != 1 or not t.endswith("{}") or "{" in t.replace("{}", ""):
+                raise ValueError(f"prompt template {t!r} must end with {{}} (the concept) and "
+                                 "hold no other braces, e.g. 'a photo of a {}'")
         if self.mask_source not in MASK_SOURCES:
             raise ValueError(f"mask_source must be one of {', '.join(MASK_SOURCES)}, "
                              f"got {self.mask_source!r}")
         if not 0.0 <= self.mask_threshold <= 1.0:
             raise ValueError(f"mask_threshold must lie in [0, 1], got {self.mask_threshold}")
+
+    @property
+    def templates(self) -> list[str]:
+        return [t.strip() for t in self.prompt_templates.split("|")] if self.prompt_templates \
+            else ["{}"]
 
     @property
     def anchor_prompts(self) -> list[str]:

@@ -86,6 +86,20 @@ def mentions_concept(prompt: str, concepts: list[str]) -> bool:
                for c in concepts)
 
 
+def template_token_indices(tokenizer, template: str, concept: str) -> list[int]:
+    """Positions of ``concept``'s tokens in the encoded ``template.format(concept)``."""
+    idx = concept_token_indices(tokenizer, concept)
+    prefix = template[:template.index("{}")].strip()
+    shift = len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+    ids = tokenizer(template.format(concept))["input_ids"]
+    want = tokenizer(concept, add_special_tokens=False)["input_ids"]
+    idx = [i + shift for i in idx]
+    if [ids[i] for i in idx if i < len(ids)] != want:
+        raise ValueError(f"prompt template {template!r} changes how {concept!r} is tokenized: "
+                         "put a space before {}")
+    return idx
+
+
 class Trainer(TrainingLoop):
     """Trains one eraser set on ``pipe.unet`` for the concepts of ``config``.
 
@@ -128,10 +142,16 @@ class Trainer(TrainingLoop):
         self.anchors = ([encode(pipe, [a]) for a in self.anchor_texts]
                         if config.anchor_weight else [])
         self.concepts = config.concepts
-        self.cond = {c: encode(pipe, [c]) for c in self.concepts}
-        self.tokens = {c: concept_token_indices(pipe.tokenizer, c) for c in self.concepts}
+        # The concept's prompts (``prompt_templates``, in turn), each with the positions of
+        # the concept's tokens in it; ``cond``/``tokens`` hold the current iteration's.
+        self.prompt_conds = {c: [encode(pipe, [t.format(c)]) for t in config.templates]
+                             for c in self.concepts}
+        self.prompt_tokens = {c: [template_token_indices(pipe.tokenizer, t, c)
+                                  for t in config.templates] for c in self.concepts}
+        self.cond = {c: v[0] for c, v in self.prompt_conds.items()}
+        self.tokens = {c: v[0] for c, v in self.prompt_tokens.items()}
         max_len = self.uncond.hidden.shape[1]
-        for c, idx in self.tokens.items():
+        for c, idx in ((c, i) for c, v in self.prompt_tokens.items() for i in v):
             shown = c if len(c) <= 40 else c[:37] + "..."
             if idx[-1] + 1 >= max_len:  # BOS + the concept + EOS must fit the prompt
                 raise ValueError(f"concept {shown!r} has {len(idx)} tokens, more than the "
@@ -214,7 +234,14 @@ class Trainer(TrainingLoop):
     def use_adversary(self) -> bool:
         return self.config.adv_steps > 0 and self.iteration >= self.config.adv_start
 
+    def select_prompt(self) -> None:
+        """This iteration's prompt of its concept: each concept's templates in turn."""
+        c = self.concepts[self.iteration % len(self.concepts)]
+        k = (self.iteration // len(self.concepts)) % len(self.prompt_conds[c])
+        self.cond[c], self.tokens[c] = self.prompt_conds[c][k], self.prompt_tokens[c][k]
+
     def step(self) -> IterationResult:
+        self.select_prompt()
         concept, steps_done, z, t = self.sample_zt()  # 1. z_t from the erased model
         cond = self.cond[concept]
         e_uncond, e_cond, maps, shadowed = self.frozen_passes(z, t, cond)  # 2. targets
