@@ -43,7 +43,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["receler", "receler-eraser-only", "receler-eraser-reg", "receler-eraser-adv",
-           "esd-x", "esd-u", "uce", "rece", "speed", "sld"]
+           "esd-x", "esd-u", "uce", "rece", "speed", "sld", "advunlearn"]
 COLUMNS = ["method", "concept", "acc_e", "acc_r", "acc_l", "h", "attack_success_soft",
            "attack_ci", "attack_n", "attack_success_soft_3x", "two_object_locality", "classes_lost", "pixel_change_others", "train_seconds", "unet_passes",
            "trainable_params", "overhead_ratio", "peak_mem_mb"]
@@ -107,9 +107,10 @@ def stale(out: Path, concept: str, method: str, flags: list[str], model: str | N
     for key in ("per_class", "concept_rows", "attack_images", "attack_prompts"):
         if done.get(key) != getattr(args, key):
             return f"{key}={done.get(key)}, not {getattr(args, key)}"
-    for key in ("steps", "tokens"):
-        if done["attack"][key] != getattr(args, f"attack_{key}"):
-            return f"attack_{key}={done['attack'][key]}, not {getattr(args, f'attack_{key}')}"
+    for key in ("steps", "tokens", "space"):
+        was = done["attack"].get(key, "output" if key == "space" else None)
+        if was != getattr(args, f"attack_{key}"):
+            return f"attack_{key}={was}, not {getattr(args, f'attack_{key}')}"
     return None
 
 

@@ -111,6 +111,13 @@ def test_latency_is_measured_again_alone_and_used_in_the_row(compare, tiny_model
     proc = collect(flags)
     assert proc.returncode != 0
     assert "holds a finished run with iterations=7, not 2" in proc.stderr.strip().splitlines()[-1]
+    # So is one whose soft attack ran in the text encoder's input space.
+    (seed3 / "erasers" / "eraser_config.json").write_text(json.dumps(saved))
+    res3["config"] = dict(res3["config"], attack=dict(res3["config"]["attack"], space="input"))
+    (seed3 / "results.json").write_text(json.dumps(res3))
+    proc = collect(flags)
+    assert proc.returncode != 0
+    assert "attack_space=input, not output" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_seeds_run_only_the_methods_that_train(compare, tmp_path):
