@@ -118,7 +118,7 @@ class MergeConfig:
     start_guidance: float | None = _f(None, "guidance of the z_t sampler (default: the "
                                             "erasers')")
     zt_reuse: int = _f(5, "iterations that draw z_t from one cached trajectory of a prompt")
-    adv_steps: int = _f(0, "soft-prompt attack steps per iteration against the merged UNet "
+    adv_steps: int = _f(5, "soft-prompt attack steps per iteration against the merged UNet "
                            "(towards the base model's ε(c)); the attacked concept prompt is "
                            "then distilled too (0 = no attack)")
     adv_tokens: int = _f(8, "soft tokens after the concept's tokens (the protocol attacks 8)")
