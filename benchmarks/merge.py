@@ -5,8 +5,8 @@ Steps, each reused when it has finished (a killed run resumes where it stopped):
 
 1. ``receler export --erasers E --out RUNS/merged_unet`` (``--resume`` from its checkpoint
    when an earlier run was killed while merging);
-2. the erasers attached: the protocol run the erasers folder belongs to, when
-   ``E/../results.json`` was measured with the same base folder and settings (as
+2. the erasers attached: the protocol run the erasers folder belongs to (or ``--attached``),
+   when ``E/../results.json`` was measured with the same base folder and settings (as
    ``runs/benchmark/full/CONCEPT/NAME/erasers`` is), else ``receler protocol --erasers E``
    into ``RUNS/attached``;
 3. the merged UNet: ``receler protocol --unet RUNS/merged_unet`` into ``RUNS/merged``.
@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base-dir", required=True, type=Path, help="shared base-model images")
     p.add_argument("--runs", type=Path, default=None, help="default runs/merge/CONCEPT")
     p.add_argument("--results", type=Path, default=HERE / "results" / "merge")
+    p.add_argument("--attached", type=Path, default=None,
+                   help="a protocol run of these erasers attached to reuse (checked to be "
+                        "comparable; default: E/../results.json, else measured into RUNS)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip", default="latency", help="protocol stages to leave out")
     p.add_argument("--export-flag", action="append", default=[], metavar="FLAG",
@@ -100,13 +103,13 @@ def protocol(args, out: Path, candidate: list[str]) -> dict:
 
 def attached_step(args, merged: dict) -> tuple[dict, Path]:
     """The erasers' own protocol run when it is comparable with ``merged``, else a new one."""
-    own = args.erasers.parent / "results.json"
+    own = (args.attached or args.erasers.parent) / "results.json"
     if own.is_file():
         r = json.loads(own.read_text())
         same = (Path(r["base_images"]).resolve() == args.base_dir.resolve()
                 and all(r["config"].get(k) == merged["config"].get(k) for k in SAME)
                 and r["concept"] == args.concept)
-        if same:
+        if same and r.get("candidate", {}).get("kind") in ("erase", "erasers"):
             return r, own.parent
         print(f"{own} was measured with other settings: measuring the erasers again", flush=True)
     out = args.runs / "attached"

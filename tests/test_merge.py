@@ -179,7 +179,8 @@ def test_benchmark_reuses_the_erasers_own_comparable_protocol_run(tmp_path, monk
     run_dir = tmp_path / "full" / "star" / "receler_seed1"
     (run_dir / "erasers").mkdir(parents=True)
     config = {k: None for k in bench.SAME} | {"skip": ["latency"], "per_class": 10}
-    own = {"base_images": str(tmp_path / "base"), "concept": "star", "config": config}
+    own = {"base_images": str(tmp_path / "base"), "concept": "star", "config": config,
+           "candidate": {"kind": "erase"}}
     (run_dir / "results.json").write_text(json.dumps(own))
     args = bench.parse_args(["--erasers", str(run_dir / "erasers"), "--concept", "star",
                              "--base-dir", str(tmp_path / "base"), "--runs",
