@@ -151,7 +151,8 @@ def to_markdown(s: dict) -> str:
              f"`{s['command']}`", "",
              f"Erasers: `{s['erasers']}`. Merged into {m['parameters']} attn2 tensors "
              f"({cfg['params']}; {st['trainable_parameters']:,} weights) in {cfg['iterations']} "
-             f"iterations of lr {cfg['lr']:g}: {st['unet_forward']} UNet forward and "
+             f"iterations of lr {cfg['lr']:g} with {cfg.get('adv_steps', 0)} soft-prompt attack "
+             f"steps each: {st['unet_forward']} UNet forward and "
              f"{st['unet_backward']} backward passes, {st['seconds']:.0f} s. Retain prompts: "
              f"{len(m['retain_prompts'])} (with the empty prompt).", "",
              "| model | Acc_E | Acc_R | Acc_L | H | soft attack [95% CI] of n | "
