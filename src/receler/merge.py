@@ -23,9 +23,10 @@ as the eraser trainer draws it (:meth:`receler.loop.TrainingLoop.sample_zt`: DDI
 trajectories, here of the erased model, round robin over the erased concepts and the
 retain prompts), and every batch holds ``z_t`` under the erased concepts, the empty prompt
 (the guidance's unconditional branch) and the prompt whose trajectory gave ``z_t``. With
-``adv_steps``, the batch also holds the concept under a soft prompt that is attacked, as
-the protocol's soft-prompt attack does, against the merged UNet (towards the base model's
-``ε(c)``) before each step, so the merge is distilled where an attacker would push it too.
+``adv_steps`` (5 by default), the batch also holds the concept under a soft prompt that is
+attacked before each step, as the protocol's soft-prompt attack does, against the merged
+UNet (towards the base model's ``ε(c)``): the merge is distilled where an attacker would
+push it too. Without it the merged UNet gave way to long attacks (docs/merge.md).
 
 Teacher and student share one UNet, as Receler's frozen model does: the UNet keeps its
 base weights and the erasers (the teacher), and the student is the same UNet with the
@@ -35,8 +36,8 @@ The trained weights are fp32 master copies whatever the UNet's dtype. The shared
 and resume; its checkpoint lives in a work folder beside ``--out``
 (``.NAME.merge``), and the finished UNet folder is moved into place in one rename.
 
-How much of the erasure survives is measured twice: by :func:`fidelity` at the end of
-the export (the MSE to the teacher of the base and of the merged UNet on held-out
+How much of the erasure survives is measured twice: by :meth:`MergeLoop.fidelity` at the
+end of the export (the MSE to the teacher of the base and of the merged UNet on held-out
 trajectories, in ``merge_config.json``), and by ``receler protocol --unet OUT``.
 """
 
