@@ -171,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: none of the folders holds a finished run (results.json): pass "
               "`receler protocol --out` folders", file=sys.stderr)
         return 2
+    # a folder name that repeats within a concept (runs/merge/*/merged) is named with its parent
+    names = [(r["concept"], r["method"]) for r in rows]
+    for r in rows:
+        if names.count((r["concept"], r["method"])) > 1:
+            r["method"] = f"{Path(r['run']).parent.name}/{r['method']}"
     mark_front(rows)
     mark_front(rows, "attack_3x")
     for p in write(rows, args.out):

@@ -25,7 +25,8 @@ def test_front_keeps_the_undominated_runs_of_each_concept(tmp_path, capsys):
     runs = [fake_run(tmp_path / "star" / "a", "star", 1.00, 0.30, 0.9),   # best locality
             fake_run(tmp_path / "star" / "b", "star", 0.95, 0.00, 0.5, seed=2),  # most robust
             fake_run(tmp_path / "star" / "c", "star", 0.95, 0.10, 0.2),   # dominated by b
-            fake_run(tmp_path / "heart" / "a", "heart", 0.80, 0.50, 0.6)]  # alone: on front
+            fake_run(tmp_path / "heart" / "a", "heart", 0.80, 0.50, 0.6)]  # best Acc_L: on front
+    runs += [fake_run(tmp_path / f"m{i}" / "merged", "heart", 0.7, 0.1 * i, 0.2) for i in (1, 2)]
     (tmp_path / "star" / "base").mkdir()  # no results.json: skipped, named
     out = tmp_path / "out"
     assert pareto.main([*map(str, runs), str(tmp_path / "star" / "base"), "--out", str(out)]) == 0
@@ -35,6 +36,8 @@ def test_front_keeps_the_undominated_runs_of_each_concept(tmp_path, capsys):
     # at 3×, c (same Acc_L as b, lower attack) dominates b; a keeps the best Acc_L
     assert [rows["star", m]["on_front_3x"] for m in "abc"] == [True, False, True]
     assert rows["heart", "a"]["on_front"] and rows["star", "b"]["seed"] == 2
+    # two folders of one name: told apart by their parents; m1 dominates m2
+    assert rows["heart", "m1/merged"]["on_front"] and not rows["heart", "m2/merged"]["on_front"]
     assert rows["star", "a"]["attack_n"] == 50 and rows["star", "a"]["attack_ci"] == [0.0, 0.1]
     md = (out / "pareto.md").read_text()
     assert "## star" in md and "## heart" in md and "0.00 [0.00, 0.10] (n 50)" in md
