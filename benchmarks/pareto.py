@@ -4,7 +4,7 @@ For each protocol run given (any method or setting), soft-prompt attack success 
 over the protocol's independent attacks, with its Wilson 95% interval) against Acc_L, at
 the evaluation's attack budget and at 3× it. A run is on the Pareto front when no other run
 of the same concept has both a higher (or equal) Acc_L and a lower (or equal) attack
-success, one of them strictly.
+success, one of them strictly; runs that do not erase (Acc_E above 0.5) are never on it.
 
     python benchmarks/pareto.py runs/benchmark/full/*/* --out benchmarks/results/pareto
 
@@ -42,14 +42,20 @@ def row_of(run: Path, res: dict) -> dict:
     return row
 
 
+ERASES = 0.5  # a run with Acc_E above this does not erase: it is listed, never on the front
+
+
 def mark_front(rows: list[dict], attack: str = "attack") -> None:
-    """``on_front``: not dominated in (higher Acc_L, lower attack success) within a concept."""
+    """``on_front``: not dominated in (higher Acc_L, lower attack success) within a concept,
+    among the runs that erase (Acc_E ≤ ``ERASES``): a model that keeps the concept keeps
+    Acc_L too, and would sit on the front for nothing."""
     for r in rows:
-        if r["acc_l"] is None or r[attack] is None:
+        if r["acc_l"] is None or r[attack] is None or (r["acc_e"] or 0) > ERASES:
             r[f"on_front{attack[6:]}"] = False
             continue
         r[f"on_front{attack[6:]}"] = not any(
             o is not r and o["concept"] == r["concept"] and o["acc_l"] is not None
+            and (o["acc_e"] or 0) <= ERASES
             and o[attack] is not None and o["acc_l"] >= r["acc_l"] and o[attack] <= r[attack]
             and (o["acc_l"] > r["acc_l"] or o[attack] < r[attack]) for o in rows)
 
@@ -69,7 +75,8 @@ def to_markdown(rows: list[dict]) -> str:
              "Soft-prompt attack success (pooled over independent attacks, Wilson 95% "
              "interval, n attacked images) against Acc_L. **front**: no other run of the "
              "concept has both higher-or-equal Acc_L and lower-or-equal attack success "
-             "(at the evaluation's budget; `3×` at three times it).", ""]
+             "(at the evaluation's budget; `3×` at three times it). Runs with Acc_E above "
+             f"{ERASES} do not erase and are never on the front.", ""]
     for concept in dict.fromkeys(r["concept"] for r in rows):
         lines += [f"## {concept}", "",
                   "| run | Acc_E | Acc_R | Acc_L | H | attack | attack 3× | front | front 3× |",

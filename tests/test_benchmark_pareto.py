@@ -27,12 +27,17 @@ def test_front_keeps_the_undominated_runs_of_each_concept(tmp_path, capsys):
             fake_run(tmp_path / "star" / "c", "star", 0.95, 0.10, 0.2),   # dominated by b
             fake_run(tmp_path / "heart" / "a", "heart", 0.80, 0.50, 0.6)]  # best Acc_L: on front
     runs += [fake_run(tmp_path / f"m{i}" / "merged", "heart", 0.7, 0.1 * i, 0.2) for i in (1, 2)]
+    nothing = fake_run(tmp_path / "star" / "d", "star", 1.00, 1.0, 1.0)
+    res = json.loads((nothing / "results.json").read_text())
+    (nothing / "results.json").write_text(json.dumps(dict(res, acc_e=1.0)))  # erases nothing
+    runs.append(nothing)
     (tmp_path / "star" / "base").mkdir()  # no results.json: skipped, named
     out = tmp_path / "out"
     assert pareto.main([*map(str, runs), str(tmp_path / "star" / "base"), "--out", str(out)]) == 0
     assert "skipped" in capsys.readouterr().err
     rows = {(r["concept"], r["method"]): r for r in json.loads((out / "pareto.json").read_text())}
-    assert [rows["star", m]["on_front"] for m in "abc"] == [True, True, False]
+    # d keeps Acc_L 1.00 by not erasing: never on the front
+    assert [rows["star", m]["on_front"] for m in "abcd"] == [True, True, False, False]
     # at 3×, c (same Acc_L as b, lower attack) dominates b; a keeps the best Acc_L
     assert [rows["star", m]["on_front_3x"] for m in "abc"] == [True, False, True]
     assert rows["heart", "a"]["on_front"] and rows["star", "b"]["seed"] == 2
