@@ -112,8 +112,11 @@ _RECELER_2026_11_25 = {"lr": 3e-3, "iterations": 300, "ddim_steps": 20,
 # Since 2026-12-03 (docs/robustness.md): no mask; the anchor term on a retain set of the
 # empty prompt and every class name (the erased one is dropped by the trainer). The mask let
 # the soft-prompt attack switch the erasers off. The ablations keep the recipe they ablate.
+# Since 2026-12-04 the anchor weight is 15, not 50: with 50 on the whole retain set the
+# erasers never started on moon (Acc_E 1.00, seed 0); 15 erased it (Acc_E 0.00, Acc_L 1.00)
+# and kept every class erasing heart; 5 lost diamond (0.5) erasing heart.
 ERASE_DEFAULTS: dict[str, dict] = {
-    "receler": {**_RECELER_2026_11_25, "reg_weight": 0.0,
+    "receler": {**_RECELER_2026_11_25, "reg_weight": 0.0, "anchor_weight": 15.0,
                 "anchors": "|" + "|".join(f"an {c}" if c[0] in "aeiou" else f"a {c}"
                                           for c in CLASSES)},
     **{name: dict(_RECELER_2026_11_25)
