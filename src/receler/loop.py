@@ -256,6 +256,44 @@ class TrainingLoop:
 
 
 # ------------------------------------------------------------------ built-in callbacks
+class FineTuneLoop(TrainingLoop):
+    """A loop that fine-tunes some of a model's own weights (ESD's UNet weights,
+    AdvUnlearn's text-encoder weights): ``self.params``, named ``self.names``. When any of
+    them is not fp32, Adam steps fp32 master copies and the model's weights are set from
+    them after every step: in bf16, an lr-1e-5 update of a weight of size ~0.05 is below
+    half a unit in the last place and would be lost."""
+
+    def init_master(self) -> None:
+        """``self.master``: fp32 copies of ``self.params``, or ``None`` when all are fp32."""
+        self.master = ([p.detach().float().clone() for p in self.params]
+                       if any(p.dtype != torch.float32 for p in self.params) else None)
+
+    def optimizer_step(self) -> None:
+        """Adam on the fp32 masters (when there are any), then the model's weights."""
+        if self.master is None:
+            return super().optimizer_step()
+        for p, m in zip(self.params, self.master, strict=True):
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master, strict=True):
+                p.copy_(m)
+
+    @property
+    def trained(self) -> list[torch.Tensor]:
+        """The trained weights at full precision (the masters when there are any)."""
+        return self.master or self.params
+
+    @torch.no_grad()
+    def restore_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the weights (and their masters) from a checkpoint's ``params.NAME`` tensors."""
+        for n, p in zip(self.names, self.params, strict=True):
+            p.copy_(tensors[f"params.{n}"])
+        for n, m in zip(self.names, self.master or [], strict=False):
+            m.copy_(tensors[f"params.{n}"])
+
+
 class LogWriter:
     """Appends one JSON row per iteration to ``train_log.jsonl`` (losses, UNet passes)."""
 

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from ..attack import text_encoder_hidden
 from ..config import TrainConfig
-from ..loop import IterationResult, TrainingLoop
+from ..loop import FineTuneLoop, IterationResult
 from ..objective import erase_loss, erase_target
 from ..pipeline import Conditioning, ddim_scheduler, ddim_until, encode, latent_shape, unet_eps
 from ..serialization import (
@@ -271,7 +271,7 @@ def text_encoder_edit_disabled(pipe) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- training
-class AdvUnlearnTrainer(TrainingLoop):
+class AdvUnlearnTrainer(FineTuneLoop):
     """Trains ``pipe.text_encoder`` to erase ``config.concepts`` (see the module docstring).
 
     Uses ``config``'s ``iterations``, ``lr``, ``eta``, ``start_guidance``, ``ddim_steps``,
@@ -295,9 +295,7 @@ class AdvUnlearnTrainer(TrainingLoop):
         params = dict(self.te.named_parameters())
         self.params = [params[n] for n in self.names]
         self.original = {n: p.detach().clone() for n, p in zip(self.names, self.params, strict=True)}
-        # fp32 masters when the encoder is bf16/fp16 (an lr-1e-5 step would round away)
-        self.master = ([p.detach().float().clone() for p in self.params]
-                       if any(p.dtype != torch.float32 for p in self.params) else None)
+        self.init_master()  # fp32 masters when the encoder is bf16/fp16
         self.max_len = self.tokenizer.model_max_length
         self.retain = self.opts.retain_prompts(config.concepts)
         if not self.retain and self.opts.retain_weight:
@@ -427,22 +425,6 @@ class AdvUnlearnTrainer(TrainingLoop):
         return IterationResult(self.iteration, concept, steps_done, int(t), loss_e.item(), 0.0,
                                attack_losses, loss_anchor=loss_r.item() if self.retain else None)
 
-    def optimizer_step(self) -> None:
-        """Adam on the fp32 masters (when the encoder is not fp32), then the encoder."""
-        if self.master is None:
-            return super().optimizer_step()
-        for p, m in zip(self.params, self.master, strict=True):
-            m.grad = None if p.grad is None else p.grad.float()
-            p.grad = None
-        self.optimizer.step()
-        with torch.no_grad():
-            for p, m in zip(self.params, self.master, strict=True):
-                p.copy_(m)
-
-    @property
-    def trained(self) -> list[torch.Tensor]:
-        return self.master or self.params
-
     def postfix(self, r: IterationResult) -> dict[str, str]:
         return {"erase": f"{r.loss_erase:.4f}",
                 "retain": "-" if r.loss_anchor is None else f"{r.loss_anchor:.4f}",
@@ -474,10 +456,7 @@ class AdvUnlearnTrainer(TrainingLoop):
         if stored != sorted(self.names):
             raise ValueError(f"checkpoint {path} holds other text-encoder parameters than these "
                              "options train: resume with the same --method-option values")
-        for n, p in zip(self.names, self.params, strict=True):
-            p.copy_(tensors[f"params.{n}"])
-        for n, m in zip(self.names, self.master or [], strict=False):
-            m.copy_(tensors[f"params.{n}"])
+        self.restore_weights(tensors)
         self.adv = {c: tensors[f"adv.{i}"].to(self.te.device)
                     for i, c in enumerate(self.config.concepts) if f"adv.{i}" in tensors}
         restore_optimizer(self.optimizer, "optim", tensors, meta["optim"])

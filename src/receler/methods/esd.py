@@ -35,8 +35,8 @@ from torch.func import functional_call
 from ..config import TrainConfig
 from ..erasers import get_erasers
 from ..loop import (
+    FineTuneLoop,
     IterationResult,
-    TrainingLoop,
 )
 from ..objective import erase_loss, erase_target
 from ..pipeline import ddim_scheduler, encode, latent_shape, unet_eps
@@ -79,7 +79,7 @@ def count_esd_parameters(unet: torch.nn.Module, variant: str) -> int:
     return sum(params[n].numel() for n in esd_parameter_names(unet, variant))
 
 
-class EsdTrainer(TrainingLoop):
+class EsdTrainer(FineTuneLoop):
     """Fine-tunes ``pipe.unet``'s ESD-x or ESD-u weights for ``config.concepts``.
 
     Uses ``config``'s ``iterations``, ``lr``, ``eta``, ``start_guidance``, ``ddim_steps``,
@@ -108,11 +108,7 @@ class EsdTrainer(TrainingLoop):
         self.names = esd_parameter_names(self.unet, variant)
         params = dict(self.unet.named_parameters())
         self.params = [params[n] for n in self.names]
-        # fp32 master weights: Adam steps fp32 copies, and the UNet's (possibly bf16/fp16)
-        # weights are set from them after every step. In bf16, an lr-1e-5 update of a
-        # weight of size ~0.05 is below half a unit in the last place and would be lost.
-        self.master = ([p.detach().float().clone() for p in self.params]
-                       if any(p.dtype != torch.float32 for p in self.params) else None)
+        self.init_master()  # fp32 masters when the UNet is bf16/fp16
         if config.lr > 1e-4:
             logger.warning("ESD with lr=%g: the paper fine-tunes with lr=1e-5", config.lr)
         # The frozen model: original values of the trained parameters only (see module doc).
@@ -122,23 +118,6 @@ class EsdTrainer(TrainingLoop):
         self.sched = ddim_scheduler(pipe, config.ddim_steps)
         self.uncond = encode(pipe, [""])
         self.cond = {c: encode(pipe, [c]) for c in config.concepts}
-
-    def optimizer_step(self) -> None:
-        """Adam on the fp32 masters (when the UNet is not fp32), then the UNet's weights."""
-        if self.master is None:
-            return super().optimizer_step()
-        for p, m in zip(self.params, self.master, strict=True):
-            m.grad = None if p.grad is None else p.grad.float()
-            p.grad = None
-        self.optimizer.step()
-        with torch.no_grad():
-            for p, m in zip(self.params, self.master, strict=True):
-                p.copy_(m)
-
-    @property
-    def trained(self) -> list[torch.Tensor]:
-        """The trained weights at full precision (the masters when there are any)."""
-        return self.master or self.params
 
     @property
     def trainable_parameters(self) -> int:
@@ -186,10 +165,7 @@ class EsdTrainer(TrainingLoop):
         if stored != sorted(self.names):
             raise ValueError(f"checkpoint {path} holds other parameters than this UNet's "
                              f"{self.variant} set: it was made for another UNet")
-        for n, p in zip(self.names, self.params, strict=True):
-            p.copy_(tensors[f"params.{n}"])
-        for n, m in zip(self.names, self.master or [], strict=False):
-            m.copy_(tensors[f"params.{n}"])
+        self.restore_weights(tensors)
         restore_optimizer(self.optimizer, "optim", tensors, meta["optim"])
         self.restore_loop_state(tensors, meta)
 
