@@ -21,6 +21,17 @@ def eraser_weights(pipe) -> dict[str, torch.Tensor]:
             for k, v in e.state_dict().items()}
 
 
+def train_recording_prompts(pipe, trainer, seen: list) -> None:
+    """Train, appending the prompt embedding of every UNet pass to ``seen``."""
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"].detach().clone()),
+        with_kwargs=True)
+    try:
+        trainer.train()
+    finally:
+        hook.remove()
+
+
 def log_rows(out):
     return [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
 
@@ -40,13 +51,7 @@ def test_training_runs_and_writes_erasers(pipe, tmp_path):
 def test_erasers_learn_on_the_plain_prompt_and_under_the_attack(pipe, tmp_path):
     trainer = Trainer(pipe, config(iterations=1), tmp_path)
     seen = []
-    hook = pipe.unet.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"].detach().clone()),
-        with_kwargs=True)
-    try:
-        trainer.train()
-    finally:
-        hook.remove()
+    train_recording_prompts(pipe, trainer, seen)
     last = seen[-1]  # the eraser update's pass
     plain = trainer.cond["car"].hidden
     start = trainer.tokens["car"][-1] + 1
@@ -315,13 +320,7 @@ def test_prompt_templates_take_turns_and_the_soft_tokens_follow_the_concept(pipe
     cfg = config(iterations=2, prompt_templates="{}|a photo of a {}")
     seen, ends = [], []  # every UNet pass's prompt; the pass count at each iteration's end
     trainer = Trainer(pipe, cfg, tmp_path, callbacks=[lambda tr, r: ends.append(len(seen))])
-    hook = pipe.unet.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"].detach().clone()),
-        with_kwargs=True)
-    try:
-        trainer.train()
-    finally:
-        hook.remove()
+    train_recording_prompts(pipe, trainer, seen)
     plain, templated = encode(pipe, ["car"]).hidden, encode(pipe, ["a photo of a car"]).hidden
     assert trainer.prompt_tokens["car"][1] == [i + 4 for i in trainer.prompt_tokens["car"][0]]
     first, second = seen[:ends[0]], seen[ends[0]:]  # the eraser step's pass comes last
