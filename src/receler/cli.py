@@ -184,9 +184,8 @@ def cmd_export(args, argv: list[str]) -> int:
         result = export_merged(pipe, args.erasers, args.out, config, overwrite=args.overwrite,
                                resume=args.resume, show_progress=not args.quiet)
     except TrainingInterrupted as e:
-        again = "receler " + " ".join(shlex.quote(a) for a in argv if a != "--resume")
         print(f"receler: interrupted after iteration {e.iteration}; checkpoint saved in {e.out_dir}."
-              f"\nresume with: {again} --resume", file=sys.stderr)
+              f"\nresume with: {_resume_command(argv)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except TrainingDiverged as e:
         print(f"receler: error: {e}", file=sys.stderr)
