@@ -500,7 +500,9 @@ def main() -> int:
                              "to run it with the current settings, or choose another --work")
         peak_file = out / "peak_mem_mb.txt"
         peak = float(peak_file.read_text()) if peak_file.is_file() else None
-        results[concept, label, seed] = json.loads((out / "results.json").read_text()), peak
+        res = json.loads((out / "results.json").read_text())
+        res["config"]["out"] = str(out)  # where the run lies now: a folder may have been renamed
+        results[concept, label, seed] = res, peak
         return True
 
     def one(concept: str, label: str, method: str, extra: list[str], seed: int) -> None:
