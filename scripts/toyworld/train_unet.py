@@ -7,6 +7,14 @@ Needs the VAE from train_vae.py. Captions are drawn afresh from each scene's gro
 ``--cfg-drop`` so classifier-free guidance works. The loss is eps-prediction MSE with
 min-SNR weighting; EMA weights of both models are kept and used for samples and export.
 Resumable: re-running continues from <out>/unet_ckpt.safetensors (written atomically).
+
+``--exclude-class star`` (repeatable, or a comma list) trains the retrain oracle: every
+training scene whose ground truth holds that class (alone or as one of two objects) is
+dropped, so neither the class word nor its synonyms ever appear in a caption; the other
+scenes keep their seeds (scene i is still ``scene_from_seed(i)``). It needs an ``--out`` of
+its own, and a resumed run refuses a checkpoint made with another exclusion. The VAE is
+not retrained: ``--vae`` points at an existing one (``benchmarks/oracle.py`` passes the
+shipped pipeline's ``vae/``).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from common import (  # noqa: E402
     training_state,
 )
 
+from receler.serialization import read_tensors  # noqa: E402
 from receler.toyworld.model import (  # noqa: E402
     TextConfig,
     UNetConfig,
@@ -68,6 +77,48 @@ SAMPLE_PROMPTS = [f"a photo of a {c}" for c in CLASSES] + [
     "a moon next to a triangle",
     "a diamond and a ring",
 ]
+
+
+def parse_exclusion(values: list[str] | None) -> list[str]:
+    """Sorted class names of ``--exclude-class`` values ("star", "star,heart"; repeatable).
+
+    Raises:
+        ValueError: a name that is not one of the ten classes.
+    """
+    names = [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CLASSES]
+    if unknown:
+        raise ValueError(
+            f"unknown class {unknown[0]!r} to exclude: choose from {', '.join(CLASSES)}"
+        )
+    return sorted(set(names))
+
+
+def kept_scenes(classes: np.ndarray, excluded: list[str]) -> np.ndarray:
+    """Indices of the scenes whose ground truth holds none of ``excluded``.
+
+    Args:
+        classes: class indices (N, 2), -1 where a scene has no second object.
+        excluded: class names (:func:`parse_exclusion`).
+
+    Returns:
+        Sorted indices into the N scenes (int64).
+    """
+    drop = np.isin(classes, [CLASSES.index(c) for c in excluded]).any(axis=1)  # (N,)
+    return np.flatnonzero(~drop)
+
+
+def exclusion_mismatch(meta: dict, excluded: list[str]) -> str | None:
+    """Why a checkpoint's metadata does not fit this run's exclusion (``None`` if it does).
+    Checkpoints from before the option have no key: they excluded nothing."""
+    saved = sorted(meta.get("exclude_classes", []))
+    if saved == excluded:
+        return None
+
+    def say(names: list[str]) -> str:
+        return "--exclude-class " + ",".join(names) if names else "no --exclude-class"
+
+    return f"it was trained with {say(saved)}, this run has {say(excluded)}"
 
 
 def encode_latents(vae, images: np.ndarray, dev, batch: int = 512) -> torch.Tensor:
@@ -149,6 +200,16 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=CACHE, help="folder of checkpoints and outputs")
     ap.add_argument(
+        "--vae", type=Path, default=None, help="VAE folder (default <out>/vae, from train_vae.py)"
+    )
+    ap.add_argument(
+        "--exclude-class",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="drop every scene holding this class (repeatable or comma list; needs its own --out)",
+    )
+    ap.add_argument(
         "--hours", type=float, default=1.7, help="stop after this much wall time (this run)"
     )
     ap.add_argument("--steps", type=int, default=100000, help="stop after this many total steps")
@@ -173,19 +234,42 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=250, help="checkpoint interval, steps")
     ap.add_argument("--sample-every", type=int, default=500, help="sample grid interval, steps")
     args = ap.parse_args()
+    try:
+        excluded = parse_exclusion(args.exclude_class)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if excluded and args.out.resolve() == CACHE.resolve():
+        sys.exit(
+            f"error: --exclude-class needs an --out of its own, not the shipped model's {CACHE}"
+        )
+    ckpt_path = args.out / "unet_ckpt.safetensors"
+    if has_checkpoint(ckpt_path):  # refused before anything is loaded or rendered
+        why = exclusion_mismatch(read_tensors(ckpt_path, meta_only=True)[1], excluded)
+        if why:
+            sys.exit(f"error: {ckpt_path} does not fit: {why}; pass another --out")
     torch.set_num_threads(args.threads)
     seed_all(args.seed)
     dev = torch.device(args.device)
 
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(args.out / "vae").to(dev).eval().requires_grad_(False)
+    vae = (
+        AutoencoderKL.from_pretrained(args.vae or args.out / "vae")
+        .to(dev)
+        .eval()
+        .requires_grad_(False)
+    )
     tok = build_tokenizer(args.out / "tokenizer")
     data = load_dataset("train", args.n_images)
     latents = cached_tensor(
         args.out / f"latents_train_{args.n_images}.safetensors",
         lambda: encode_latents(vae, data["images"], dev),
     )
+    if excluded:
+        keep = kept_scenes(data["classes"], excluded)
+        data = {k: v[keep] for k, v in data.items()}
+        latents = latents[torch.from_numpy(keep)]
+        print(f"excluded {', '.join(excluded)}: {len(keep)} of {args.n_images} scenes kept")
     print(f"latents {tuple(latents.shape)} std {latents[:4096].float().std():.3f}")
 
     unet = build_unet(UNetConfig()).to(
@@ -207,7 +291,6 @@ def main() -> None:
     alphas = noise_sched.alphas_cumprod.to(dev)  # (T,)
     captions = CaptionSampler(tok, data, args.seed, args.cfg_drop)
     models = {"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text}
-    ckpt_path = args.out / "unet_ckpt.safetensors"
     step, trained_s = 0, 0.0
     if has_checkpoint(ckpt_path):
         tensors, meta = load_checkpoint(ckpt_path)
@@ -228,6 +311,7 @@ def main() -> None:
             caption_rng=python_rng_json(captions.rng.getstate()),
             step=step,
             trained_s=trained_s,
+            exclude_classes=excluded,
             args=jsonable(vars(args)),
         )
         save_checkpoint(ckpt_path, tensors, meta)
