@@ -160,6 +160,9 @@ def test_two_object_locality():
     assert (res.erased_detected.successes, res.erased_detected.total) == (2, 3)
     with pytest.raises(ValueError, match="class2"):
         two_object_locality(recs[2:4], "a")
+    # c erased too (one model, several concepts): its pair with a is not a locality check
+    both = two_object_locality(recs, "a", erased=["a", "c"])
+    assert (both.other_survives.successes, both.other_survives.total) == (2, 2)
 
 
 def test_present_uses_threshold_and_rejects_unasked_labels():

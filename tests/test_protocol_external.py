@@ -210,3 +210,21 @@ def test_models_erased_here_and_elsewhere_share_one_leaderboard(tmp_path, capsys
                          "3")
     errors = [line for line in err.splitlines() if line.startswith("receler: error")]
     assert code == 2 and len(errors) == 1 and "sampler.steps: 2 against 3" in errors[0], err
+
+
+def test_one_concept_of_a_multi_concept_folder_is_measured_without_the_others(tmp_path, capsys):
+    """Erasers of star and heart, measured on heart: star's prompts are not locality rows."""
+    folder = tmp_path / "uce2"
+    assert main(["erase", "--concept", "star", "--concept", "heart", "--method", "uce",
+                 "--out", str(folder), "--quiet", "--threads", "1"]) == 0
+    code, err = protocol(capsys, tmp_path / "run", "--concept", "heart", "--erasers",
+                         str(folder), "--base-dir", str(tmp_path / "base"))
+    assert code == 0, err
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["erased"] == ["star", "heart"]
+    left = set(res["metrics"]["detail"]["locality_classes"])
+    assert "star" not in left and "heart" not in left and len(left) == 8
+    assert res["metrics"]["detail"]["acc_l"]["total"] == 8  # --per-class 1
+    code, err = protocol(capsys, tmp_path / "bad", "--concept", "moon", "--erasers",
+                         str(folder))
+    assert code == 2 and "erased ['star', 'heart'], not 'moon'" in err

@@ -70,6 +70,7 @@ class EditCandidate(Candidate):
     """A folder written by ``receler erase`` (or by the protocol's own erase stage)."""
 
     folder: Path | None = None
+    erased: list[str] = field(default_factory=list)  # every concept the folder erased
 
     def apply(self, pipe) -> None:
         from .methods import load_edit
@@ -215,7 +216,7 @@ def _erasers_candidate(folder: Path, concept: str, method: str | None,
         raise ValueError(f"cannot read {folder / CONFIG_FILE}: {_first_line(e)}; copy the "
                          "folder again from where it was trained") from None
     get_method(saved.method)  # a method this receler knows
-    if list(saved.concepts) != [concept]:
+    if concept not in saved.concepts:
         raise ValueError(f"--erasers {folder} erased {saved.concepts}, not {concept!r}: pass "
                          f"--concept {saved.concepts[0]!r} or the erasers of {concept!r}")
     if method is not None and method != saved.method:
@@ -224,7 +225,8 @@ def _erasers_candidate(folder: Path, concept: str, method: str | None,
     identity = {"source": str(folder), "base_model": saved.base_model,
                 "fingerprint": _fingerprint(str(folder), None)}
     return EditCandidate(kind="erasers", method=saved.method, name=name or saved.method,
-                         identity=identity, stats=saved.stats or None, folder=folder)
+                         identity=identity, stats=saved.stats or None, folder=folder,
+                         erased=list(saved.concepts))
 
 
 def _lora_candidate(file: Path, name: str | None) -> LoraCandidate:

@@ -37,7 +37,7 @@ from .attack_suite import attack_plan, soft_attack_suite, suite_key
 from .config import TrainConfig
 from .eval.detectors import default_labels, evaluate_images, get_detector
 from .eval.metrics import (
-    multi_concept_metrics,
+    erasure_metrics,
     per_class_rates,
     to_dict,
     two_object_locality,
@@ -185,6 +185,9 @@ class Protocol:
             cfg.concept, self.model, erasers=cfg.erasers, unet=cfg.unet,
             text_encoder=cfg.text_encoder, lora=cfg.lora, method=cfg.method, name=cfg.name)
         self.method = self.candidate.method if self.candidate else cfg.method
+        # Every concept the candidate erased (a multi-concept eraser set measured on one of
+        # them): locality leaves them all out.
+        self.erased = getattr(self.candidate, "erased", None) or [cfg.concept]
 
     def timed(self, stage: str, fn: Callable, *args, **kwargs):
         start = time.perf_counter()
@@ -227,13 +230,12 @@ class Protocol:
         for name, _, record in sorted(merged, key=lambda d: (order[d[0]], d[1])):
             recs[name].append(record)
         simple = recs["simple"] + recs.get("style", [])
-        metrics = multi_concept_metrics(simple, [c], paraphrase=recs.get("paraphrase"))
-        res = metrics.per_concept[0]
+        res = erasure_metrics(simple, c, paraphrase=recs.get("paraphrase"), erased=self.erased)
         out = {"acc_e": res.acc_e.rate, "acc_r": res.acc_r.rate if res.acc_r else None,
                "acc_l": res.acc_l.rate, "h": res.h, "detail": to_dict(res),
                "per_class": to_dict(per_class_rates(recs["simple"]))}
         if "two_object" in recs:
-            two = two_object_locality(recs["two_object"], c)
+            two = two_object_locality(recs["two_object"], c, erased=self.erased)
             out["two_object_locality"] = two.other_survives.rate
             out["two_object_detail"] = to_dict(two)
         return out
@@ -403,7 +405,7 @@ class Protocol:
         results["base"] = summarise(base, base_attack)
         results["train"] = self.candidate.stats
         results.update(latency, base_images=str(self.folder("base")))
-        results.update(concept=cfg.concept, method=self.method, name=self.candidate.name,
+        results.update(concept=cfg.concept, erased=self.erased, method=self.method, name=self.candidate.name,
                        candidate=self.candidate.describe(), skipped=list(cfg.skip),
                        model=self.model, detector=cfg.detector, seconds=dict(self.seconds),
                        dtype=self.dtype, safety_checker="off",  # load_pipeline never loads it

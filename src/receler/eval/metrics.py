@@ -302,12 +302,15 @@ class TwoObjectResult:
     erased_detected: Rate  # the erased object is still detected
 
 
-def two_object_locality(records: list[ImageRecord], concept: str) -> TwoObjectResult:
+def two_object_locality(records: list[ImageRecord], concept: str, *,
+                        erased: list[str] | None = None) -> TwoObjectResult:
     """Rate at which the *other* object survives on prompts with ``concept`` and one other class.
 
     Args:
         records: records of a two-object prompt set (columns ``class`` and ``class2``).
         concept: erased class; rows that name it exactly once are used.
+        erased: every concept erased by the model (default ``[concept]``); rows whose other
+            object is erased as well are left out (it should not survive).
 
     Returns:
         A ``TwoObjectResult``.
@@ -318,6 +321,8 @@ def two_object_locality(records: list[ImageRecord], concept: str) -> TwoObjectRe
         if None in pair or pair.count(concept) != 1:
             continue
         other = pair[1] if pair[0] == concept else pair[0]
+        if erased is not None and other in erased:
+            continue
         other_hits += r.present(other)
         erased_hits += r.present(concept)
         n += 1
