@@ -61,6 +61,7 @@ from .edits import (
 )
 from .esd import PAPER_DEFAULTS as ESD_PAPER_DEFAULTS
 from .esd import EsdTrainer, count_esd_parameters
+from .mace import MaceOptions, mace_weights
 from .rece import ReceOptions, rece_weights
 from .sld import SldOptions, attach_sld, get_sld, remove_sld
 from .speed import SpeedOptions, speed_parameter_names, speed_weights
@@ -120,6 +121,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("speed", "SPEED: closed-form edit of attn2.to_v (or to_k) in the null space of the "
            "retained concepts' embeddings", ("concepts",), options=SpeedOptions,
            files=(EDIT_FILE,)),
+    Method("mace", "MACE: closed-form refinement of attn2.to_k/to_v, a LoRA per concept on an "
+           "attention-map loss, closed-form fusion of the LoRAs", ("concepts",),
+           options=MaceOptions, files=(EDIT_FILE,)),
     Method("sld", "SLD: safety guidance at inference (hooks on the UNet), nothing trained",
            ("concepts",), options=SldOptions),
     Method("advunlearn", "AdvUnlearn: adversarial training of the text encoder (ESD's erase "
@@ -134,6 +138,7 @@ _CLOSED_FORM: dict[str, Callable[..., tuple[dict, dict]]] = {
     "uce": lambda pipe, concepts, opts: (uce_weights(pipe, concepts, opts), {}),
     "rece": lambda pipe, concepts, opts: _with_rounds(*rece_weights(pipe, concepts, opts)),
     "speed": speed_weights,
+    "mace": mace_weights,
 }
 
 
@@ -184,7 +189,7 @@ def trainable_parameters(name: str, pipe, config: TrainConfig | None = None, *,
         return count_advunlearn_parameters(pipe.text_encoder, method_options(name, options))
     if name.startswith("esd-"):
         return count_esd_parameters(unet, name)
-    if name in ("uce", "rece"):
+    if name in ("uce", "rece", "mace"):
         return count_uce_parameters(unet)
     if name == "speed":
         params = dict(unet.named_parameters())
