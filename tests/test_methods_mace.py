@@ -242,6 +242,17 @@ def test_bad_options_are_one_line_errors(options, message, pipe, tmp_path):
     assert not (tmp_path / EDIT_FILE).exists()
 
 
+def test_the_toy_model_recommends_options_that_validate():
+    from receler.config import model_method_options
+    from receler.pipeline import default_model
+    from receler.toyworld.vocab import CLASSES
+
+    recommended = model_method_options(default_model(), "mace")
+    assert recommended["preserve"] == CLASSES
+    assert MaceOptions(**recommended).kept_prompts(["star"]) == [c for c in CLASSES
+                                                                 if c != "star"]
+
+
 def test_cli_erases_with_mace_and_generates_from_the_folder(tiny_model_dir, tmp_path, capsys):
     """``receler erase --method mace`` and ``receler generate --erasers`` (in-process)."""
     import json
