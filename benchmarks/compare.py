@@ -43,7 +43,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["receler", "receler-eraser-only", "receler-eraser-reg", "receler-eraser-adv",
-           "esd-x", "esd-u", "uce", "rece", "speed", "sld", "advunlearn"]
+           "esd-x", "esd-u", "uce", "rece", "speed", "mace", "sld", "advunlearn"]
 COLUMNS = ["method", "concept", "acc_e", "acc_r", "acc_l", "h", "attack_success_soft",
            "attack_ci", "attack_n", "attack_success_soft_3x", "two_object_locality", "classes_lost", "pixel_change_others", "train_seconds", "unet_passes",
            "trainable_params", "overhead_ratio", "peak_mem_mb"]

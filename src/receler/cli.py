@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     p.add_argument("--method", default="receler",
                    help="receler (default), receler-eraser-only, receler-eraser-reg, "
-                        "receler-eraser-adv, esd-x, esd-u, uce, rece, speed or sld")
+                        "receler-eraser-adv, esd-x, esd-u, uce, rece, speed, mace, sld or "
+                        "advunlearn")
     p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
                    help="a UCE/RECE/SPEED/SLD setting, e.g. anchor=\"a photo\", rounds=2 or "
                         "preset=max (repeatable; replaces the model's recommended options)")

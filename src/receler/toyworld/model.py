@@ -133,6 +133,8 @@ ERASE_DEFAULTS: dict[str, dict] = {
     "uce": {"options": {"preserve": list(CLASSES)}},
     "rece": {"options": {"preserve": list(CLASSES)}},
     "speed": {"options": {"tokens": "all", "preserve": list(CLASSES)}},
+    "mace": {"options": {"preserve": list(CLASSES), "mask_source": "guidance",
+                         "mask_threshold": 0.2, "lr": 1e-3}},
     "sld": {"options": {"preset": "max", "warmup": 2}},
     # AdvUnlearn (docs/methods.md, 2026-12-04): the code's 1 soft token and attack lr, scaled
     # to the toy (150 iterations, lr 1e-4 as ESD's, 5 attack steps from iteration 50, the
