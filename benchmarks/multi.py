@@ -284,10 +284,10 @@ def to_picture(rows: list[dict], size: tuple[int, int] = (900, 340)) -> Image.Im
             d.line((x0, yy, x1, yy), fill=(225, 225, 225))
             d.text((x0 - 34, yy - 6), f"{v:.2f}" if span else f"{v:.0f}", fill="black")
 
-        def px(k):
+        def px(k, x0=x0, x1=x1):
             return x0 + (x1 - x0) * ((ks.index(k) + 0.5) / len(ks))
 
-        def py(v):
+        def py(v, y0=y0, y1=y1, lo=lo, hi=hi):
             return y1 - (y1 - y0) * (v - lo) / (hi - lo)
 
         for k in ks:
