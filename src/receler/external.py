@@ -163,7 +163,8 @@ def resolve_candidate(concept: str, model: str, *, erasers: str | Path | None = 
     then erases ``concept`` itself).
 
     Args:
-        concept: the protocol's concept; an erasers folder must have erased exactly it.
+        concept: the protocol's concept; an erasers folder must have erased it (alone or
+            among others).
         model: the base model (hub id or folder) the modules must fit.
         erasers: a folder written by ``receler erase --method ...``.
         unet, text_encoder: a diffusers UNet / transformers CLIPTextModel folder or hub id,
