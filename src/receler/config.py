@@ -64,6 +64,7 @@ def cli_concepts(values: list[str]) -> list[str]:
 
 MASK_SOURCES = ("attention", "guidance")
 ADV_INITS = ("prompt", "uniform")
+ERASER_SITES = ("output", "input")  # receler.erasers.SITES
 ERASE_ON = ("both", "attacked")
 # `--preset paper`: what the official code (jasper0314-huang/Receler, train_receler.py)
 # trains: its argparse defaults (500 iterations, lr 3e-4, rank 128, regulariser 0.1,
@@ -157,6 +158,10 @@ class TrainConfig:
     iterations: int = _f(500, "eraser training iterations (one sampled z_t each)")
     lr: float = _f(3e-4, "learning rate of the erasers (Adam)")
     rank: int = _f(128, "hidden width of each eraser MLP")
+    eraser_site: str = _f(
+        "output", "where each eraser acts: 'output' (the cross-attention output, as in the "
+        "paper) or 'input' (each text token the cross-attention attends to, before to_k and "
+        "to_v; no concept mask there, so it needs --reg-weight 0)")
     eta: float = _f(1.0, "negative guidance η of the erase target ε(∅) − η·(ε(c) − ε(∅))")
     start_guidance: float = _f(3.0, "classifier-free guidance used when sampling z_t")
     ddim_steps: int = _f(50, "DDIM steps of the z_t sampler; t is drawn from them")
@@ -247,6 +252,13 @@ class TrainConfig:
             if t.count("{}") != 1 or not t.endswith("{}") or "{" in t.replace("{}", ""):
                 raise ValueError(f"prompt template {t!r} must end with {{}} (the concept) and "
                                  "hold no other braces, e.g. 'a photo of a {}'")
+        if self.eraser_site not in ERASER_SITES:
+            raise ValueError(f"eraser_site must be one of {', '.join(ERASER_SITES)}, got "
+                             f"{self.eraser_site!r}")
+        if self.eraser_site == "input" and self.reg_weight > 0:
+            raise ValueError(f"reg_weight={self.reg_weight}: the concept mask is spatial and an "
+                             "eraser at the 'input' site acts on text tokens; pass --reg-weight 0 "
+                             "(and --anchor-weight to keep other prompts unchanged)")
         if self.mask_source not in MASK_SOURCES:
             raise ValueError(f"mask_source must be one of {', '.join(MASK_SOURCES)}, "
                              f"got {self.mask_source!r}")
@@ -276,6 +288,8 @@ class EraserConfig:
     """What ``eraser_config.json`` records beside ``erasers.safetensors``."""
 
     rank: int = _f(128, "hidden width of each eraser")
+    site: str = _f("output", "where the erasers act: 'output' (cross-attention output) or "
+                             "'input' (its text tokens)")
     concepts: list[str] = _f(list, "erased concepts")
     base_model: str = _f("", "hub id or local path of the base pipeline")
     method: str = _f("receler", "erasure method that produced the weights")

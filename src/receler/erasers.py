@@ -11,6 +11,17 @@ xformers, a custom one, the capture processor of :mod:`receler.attention`), and
 the base weights keep their names, so ``unet.attn_processors``,
 ``set_attn_processor`` and LoRA loading keep working. Everything is checked
 before the first module is touched, and :func:`remove_erasers` undoes it all.
+
+Two sites (``site``, :data:`SITES`):
+
+* ``"output"`` (the paper): the eraser acts on the attention output ``a``, after the
+  attention has mixed the text tokens, and adds ``up(GELU(down(a)))`` to it;
+* ``"input"``: the eraser acts on the text tokens the layer attends to, each token on its
+  own, before ``to_k`` and ``to_v``: ``e + up(GELU(down(e)))`` for every token ``e`` of
+  ``encoder_hidden_states`` (a forward pre-hook). Soft tokens written into the prompt
+  embedding pass through it like every other token, so an attacker has to rebuild the
+  concept from tokens the eraser has already changed, instead of moving the mixed output
+  out of the region where an output eraser fires (docs/robustness.md).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from torch import nn
 
 ERASER_ATTR = "eraser"
 _HOOK_ATTR = "_receler_eraser_hook"
+SITES = ("output", "input")  # where an eraser acts: attn2's output, or its text tokens
 
 
 class Eraser(nn.Module):
@@ -34,10 +46,13 @@ class Eraser(nn.Module):
         rank: hidden width of the MLP.
     """
 
-    def __init__(self, dim: int, rank: int, *, generator: torch.Generator | None = None):
+    def __init__(self, dim: int, rank: int, *, generator: torch.Generator | None = None,
+                 site: str = "output"):
         super().__init__()
         if dim <= 0 or rank <= 0:
             raise ValueError(f"eraser dim and rank must be positive, got dim={dim}, rank={rank}")
+        check_site(site)
+        self.site = site  # what it erases from: attn2's output or its text tokens (SITES)
         self.down = nn.Linear(dim, rank)
         self.up = nn.Linear(rank, dim)
         self.reset_parameters(generator)
@@ -75,6 +90,26 @@ class Eraser(nn.Module):
         return out if out.dtype == a.dtype else out.to(a.dtype)
 
 
+def check_site(site: str) -> None:
+    if site not in SITES:
+        raise ValueError(f"eraser site must be one of {', '.join(SITES)}, got {site!r}")
+
+
+def _erase(eraser: Eraser, x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the eraser's output added (or only recorded, in shadow mode)."""
+    # eraser.forward, not eraser(...): no hooks are put on erasers, and Module.__call__ is
+    # overhead on every cross-attention layer at every step
+    if eraser.shadow:  # what the eraser would add to the frozen model; graph only through it
+        with torch.enable_grad():
+            delta = eraser.forward(x.detach())
+    else:
+        delta = eraser.forward(x)
+    if eraser.recorder is not None:
+        store, key = eraser.recorder
+        store[key] = delta
+    return x if eraser.shadow else x + delta
+
+
 def _eraser_hook(module: nn.Module, args, output):
     eraser: Eraser = getattr(module, ERASER_ATTR)
     if not (eraser.enabled or eraser.shadow):
@@ -84,17 +119,23 @@ def _eraser_hook(module: nn.Module, args, output):
             f"the attention processor of {type(module).__name__} returned {type(output).__name__}; "
             "erasers need a tensor output"
         )
-    # eraser.forward, not eraser(...): no hooks are put on erasers, and Module.__call__ is
-    # overhead on every cross-attention layer at every step
-    if eraser.shadow:  # what the eraser would add to the frozen model; graph only through it
-        with torch.enable_grad():
-            delta = eraser.forward(output.detach())
-    else:
-        delta = eraser.forward(output)
-    if eraser.recorder is not None:
-        store, key = eraser.recorder
-        store[key] = delta
-    return output if eraser.shadow else output + delta
+    return _erase(eraser, output)
+
+
+def _input_eraser_hook(module: nn.Module, args, kwargs):
+    """Forward pre-hook of the ``"input"`` site: erase from ``encoder_hidden_states``
+    ``(B, T, D)``, given by keyword (as diffusers' transformer blocks pass it) or as the
+    second positional argument."""
+    eraser: Eraser = getattr(module, ERASER_ATTR)
+    if not (eraser.enabled or eraser.shadow):
+        return None
+    if kwargs.get("encoder_hidden_states") is not None:
+        kwargs = {**kwargs, "encoder_hidden_states": _erase(eraser, kwargs["encoder_hidden_states"])}
+        return args, kwargs
+    if len(args) > 1 and torch.is_tensor(args[1]):
+        return (args[0], _erase(eraser, args[1]), *args[2:]), kwargs
+    raise TypeError(f"{type(module).__name__} was called without encoder_hidden_states: an "
+                    "eraser at the 'input' site needs the text tokens of a cross-attention call")
 
 
 def find_cross_attention(unet: nn.Module) -> dict[str, nn.Module]:
@@ -111,9 +152,16 @@ def _output_dim(attn: nn.Module) -> int:
     return proj.out_features
 
 
+def eraser_dim(attn: nn.Module, site: str) -> int:
+    """Width of what an eraser at ``site`` acts on: ``attn2``'s output channels, or the
+    text tokens' width (``to_k``'s input, the model's ``cross_attention_dim``)."""
+    check_site(site)
+    return _output_dim(attn) if site == "output" else attn.to_k.in_features
+
+
 def attach_erasers(
     unet: nn.Module, rank: int = 128, *, dtype: torch.dtype = torch.float32,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, site: str = "output",
 ) -> dict[str, Eraser]:
     """Attach a fresh eraser to every cross-attention layer of ``unet``.
 
@@ -122,10 +170,12 @@ def attach_erasers(
         rank: hidden width of each eraser.
         dtype: dtype of the eraser weights (fp32 by default, also on a half-precision UNet).
         generator: CPU generator for the initial ``down`` weights (seeded runs).
+        site: ``"output"`` (attn2's output, the paper) or ``"input"`` (its text tokens).
 
     Returns:
         The attached erasers, keyed by the name of their ``attn2`` module.
     """
+    check_site(site)
     targets = find_cross_attention(unet)
     if not targets:
         raise ValueError(
@@ -140,9 +190,12 @@ def attach_erasers(
     device = next(unet.parameters()).device
     erasers = {}
     for name, attn in targets.items():  # all checks done: now change modules
-        eraser = Eraser(_output_dim(attn), rank, generator=generator).to(device=device, dtype=dtype)
+        eraser = Eraser(eraser_dim(attn, site), rank, generator=generator,
+                        site=site).to(device=device, dtype=dtype)
         attn.add_module(ERASER_ATTR, eraser)
-        setattr(attn, _HOOK_ATTR, attn.register_forward_hook(_eraser_hook))
+        hook = (attn.register_forward_hook(_eraser_hook) if site == "output" else
+                attn.register_forward_pre_hook(_input_eraser_hook, with_kwargs=True))
+        setattr(attn, _HOOK_ATTR, hook)
         erasers[name] = eraser
     return erasers
 

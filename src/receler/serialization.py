@@ -19,7 +19,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import EraserConfig
-from .erasers import attach_erasers, find_cross_attention, get_erasers, remove_erasers
+from .erasers import (
+    attach_erasers,
+    check_site,
+    eraser_dim,
+    find_cross_attention,
+    get_erasers,
+    remove_erasers,
+)
 
 ERASERS_FILE = "erasers.safetensors"
 CONFIG_FILE = "eraser_config.json"
@@ -85,15 +92,16 @@ def save_erasers(unet: nn.Module, out_dir: Path, config: EraserConfig) -> Path:
         raise ValueError("this UNet has no erasers to save: attach or train them first")
     config.layers = {name: e.dim for name, e in erasers.items()}
     config.rank = next(iter(erasers.values())).rank
+    config.site = next(iter(erasers.values())).site
     save_tensors(out_dir / ERASERS_FILE, eraser_state(unet), {"format": "receler-erasers"})
     atomic_write(out_dir / CONFIG_FILE, config.save)
     return out_dir
 
 
-def _expected_shapes(unet: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(unet: nn.Module, rank: int, site: str) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for name, attn in find_cross_attention(unet).items():
-        dim = attn.to_out[0].out_features
+        dim = eraser_dim(attn, site)
         shapes.update({f"{name}.down.weight": (rank, dim), f"{name}.down.bias": (rank,),
                        f"{name}.up.weight": (dim, rank), f"{name}.up.bias": (dim,)})
     return shapes
@@ -131,7 +139,9 @@ def load_erasers(target, path: Path, *, replace: bool = False) -> EraserConfig:
                          f"rank-{file_rank} erasers: the two files come from different runs; "
                          "copy both from the same --out folder")
     rank = file_rank
-    expected = _expected_shapes(unet, rank)
+    site = config.site if config is not None else "output"
+    check_site(site)
+    expected = _expected_shapes(unet, rank, site)
     for key, shape in expected.items():
         if key not in tensors:
             raise ValueError(f"eraser file {weights} has no weights for layer {key} "
@@ -148,7 +158,7 @@ def load_erasers(target, path: Path, *, replace: bool = False) -> EraserConfig:
             raise ValueError("this UNet already has erasers: pass replace=True or call "
                              "remove_erasers(unet) first")
         remove_erasers(unet)
-    erasers = attach_erasers(unet, rank)
+    erasers = attach_erasers(unet, rank, site=site)
     for name, eraser in erasers.items():
         eraser.load_state_dict({k: tensors[f"{name}.{k}"] for k in eraser.state_dict()})
     return config or EraserConfig(rank=rank)

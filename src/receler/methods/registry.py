@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig, model_method_options
-from ..erasers import erasers_disabled, find_cross_attention, get_erasers, remove_erasers
+from ..erasers import (
+    eraser_dim,
+    erasers_disabled,
+    find_cross_attention,
+    get_erasers,
+    remove_erasers,
+)
 from ..serialization import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -198,8 +204,9 @@ def trainable_parameters(name: str, pipe, config: TrainConfig | None = None, *,
     if name == "sld":
         return 0
     get_method(name)
-    rank = (config or TrainConfig(concepts="x")).rank
-    dims = [a.to_out[0].out_features for a in find_cross_attention(unet).values()]
+    config = config or TrainConfig(concepts="x")
+    rank = config.rank
+    dims = [eraser_dim(a, config.eraser_site) for a in find_cross_attention(unet).values()]
     return sum(2 * d * rank + rank + d for d in dims)  # down (d→r) + up (r→d), with biases
 
 
@@ -302,7 +309,8 @@ def erase_with(name: str, pipe, config: TrainConfig, out_dir: str | Path, *,
         if not resume:
             start_work_dir(final_dir, out_dir)
         saved = trainer.train(resume=resume)
-        result = EditConfig(**{**common, "rank": saved.rank, "layers": saved.layers}, stats={
+        result = EditConfig(**{**common, "rank": saved.rank, "site": saved.site,
+                               "layers": saved.layers}, stats={
             "trainable_parameters": sum(p.numel() for p in trainer.optimizer.param_groups[0]["params"]),
             "unet_forward": trainer.passes.forward, "unet_backward": trainer.passes.backward,
             "seconds": trainer.seconds})
