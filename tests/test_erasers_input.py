@@ -122,3 +122,34 @@ def test_trainer_trains_input_erasers(pipe, tmp_path):
     erasers = get_erasers(pipe.unet)
     assert {e.site for e in erasers.values()} == {"input"}
     assert any(e.up.weight.abs().sum() > 0 for e in erasers.values())  # they were trained
+
+
+@pytest.mark.parametrize("site", ["output", "input"])
+def test_linear_erasers_are_a_low_rank_linear_map_and_round_trip(site, tmp_path):
+    from receler.erasers import Eraser
+
+    e = Eraser(6, 3, act="linear", generator=torch.Generator().manual_seed(0))
+    torch.nn.init.normal_(e.up.weight)
+    a, b = torch.randn(2, 5, 6), torch.randn(2, 5, 6)
+    assert torch.allclose(e(a) + e(b) - e(torch.zeros(6)), e(a + b), atol=1e-5)  # affine
+    assert torch.equal(e(a), e.up(e.down(a)))
+
+    unet = tiny_unet()
+    before = run(unet)
+    erasers = attach_erasers(unet, rank=4, site=site, act="linear")
+    assert torch.equal(run(unet), before)  # identity at start
+    randomise(erasers)
+    expected = run(unet)
+    save_erasers(unet, tmp_path, EraserConfig(concepts=["car"]))
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["act"] == "linear"
+    fresh = tiny_unet()
+    cfg = load_erasers(fresh, tmp_path)
+    assert (cfg.act, cfg.site) == ("linear", site)
+    assert torch.equal(run(fresh), expected)
+
+
+def test_bad_activation_is_a_one_line_error():
+    with pytest.raises(ValueError, match="eraser_act must be one of gelu, linear"):
+        TrainConfig(concepts="car", eraser_act="relu")
+    with pytest.raises(ValueError, match="eraser activation must be one of"):
+        attach_erasers(tiny_unet(), rank=4, act="relu")

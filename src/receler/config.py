@@ -65,6 +65,7 @@ def cli_concepts(values: list[str]) -> list[str]:
 MASK_SOURCES = ("attention", "guidance")
 ADV_INITS = ("prompt", "uniform")
 ERASER_SITES = ("output", "input")  # receler.erasers.SITES
+ERASER_ACTIVATIONS = ("gelu", "linear")  # receler.erasers.ACTIVATIONS
 ERASE_ON = ("both", "attacked")
 # `--preset paper`: what the official code (jasper0314-huang/Receler, train_receler.py)
 # trains: its argparse defaults (500 iterations, lr 3e-4, rank 128, regulariser 0.1,
@@ -162,6 +163,8 @@ class TrainConfig:
         "output", "where each eraser acts: 'output' (the cross-attention output, as in the "
         "paper) or 'input' (each text token the cross-attention attends to, before to_k and "
         "to_v; no concept mask there, so it needs --reg-weight 0)")
+    eraser_act: str = _f("gelu", "the eraser MLP's non-linearity: 'gelu' (the paper) or 'linear' "
+                                 "(none: each eraser is a low-rank linear map)")
     eta: float = _f(1.0, "negative guidance η of the erase target ε(∅) − η·(ε(c) − ε(∅))")
     start_guidance: float = _f(3.0, "classifier-free guidance used when sampling z_t")
     ddim_steps: int = _f(50, "DDIM steps of the z_t sampler; t is drawn from them")
@@ -255,6 +258,9 @@ class TrainConfig:
         if self.eraser_site not in ERASER_SITES:
             raise ValueError(f"eraser_site must be one of {', '.join(ERASER_SITES)}, got "
                              f"{self.eraser_site!r}")
+        if self.eraser_act not in ERASER_ACTIVATIONS:
+            raise ValueError(f"eraser_act must be one of {', '.join(ERASER_ACTIVATIONS)}, got "
+                             f"{self.eraser_act!r}")
         if self.eraser_site == "input" and self.reg_weight > 0:
             raise ValueError(f"reg_weight={self.reg_weight}: the concept mask is spatial and an "
                              "eraser at the 'input' site acts on text tokens; pass --reg-weight 0 "
@@ -290,6 +296,7 @@ class EraserConfig:
     rank: int = _f(128, "hidden width of each eraser")
     site: str = _f("output", "where the erasers act: 'output' (cross-attention output) or "
                              "'input' (its text tokens)")
+    act: str = _f("gelu", "the erasers' non-linearity: 'gelu' or 'linear'")
     concepts: list[str] = _f(list, "erased concepts")
     base_model: str = _f("", "hub id or local path of the base pipeline")
     method: str = _f("receler", "erasure method that produced the weights")

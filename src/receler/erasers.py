@@ -36,6 +36,7 @@ from torch import nn
 ERASER_ATTR = "eraser"
 _HOOK_ATTR = "_receler_eraser_hook"
 SITES = ("output", "input")  # where an eraser acts: attn2's output, or its text tokens
+ACTIVATIONS = ("gelu", "linear")  # the MLP's non-linearity; "linear": a low-rank linear map
 
 
 class Eraser(nn.Module):
@@ -47,12 +48,14 @@ class Eraser(nn.Module):
     """
 
     def __init__(self, dim: int, rank: int, *, generator: torch.Generator | None = None,
-                 site: str = "output"):
+                 site: str = "output", act: str = "gelu"):
         super().__init__()
         if dim <= 0 or rank <= 0:
             raise ValueError(f"eraser dim and rank must be positive, got dim={dim}, rank={rank}")
         check_site(site)
+        check_act(act)
         self.site = site  # what it erases from: attn2's output or its text tokens (SITES)
+        self.act = act  # "gelu" (the paper) or "linear": up(down(a)), no non-linearity
         self.down = nn.Linear(dim, rank)
         self.up = nn.Linear(rank, dim)
         self.reset_parameters(generator)
@@ -85,14 +88,20 @@ class Eraser(nn.Module):
         # Erasers may be kept in fp32 on a half-precision UNet: compute in their dtype.
         dtype = self.down.weight.dtype
         x = a if a.dtype == dtype else a.to(dtype)
-        out = F.linear(F.gelu(F.linear(x, self.down.weight, self.down.bias)),
-                       self.up.weight, self.up.bias)
+        h = F.linear(x, self.down.weight, self.down.bias)
+        out = F.linear(F.gelu(h) if self.act == "gelu" else h, self.up.weight, self.up.bias)
         return out if out.dtype == a.dtype else out.to(a.dtype)
 
 
 def check_site(site: str) -> None:
     if site not in SITES:
         raise ValueError(f"eraser site must be one of {', '.join(SITES)}, got {site!r}")
+
+
+def check_act(act: str) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"eraser activation must be one of {', '.join(ACTIVATIONS)}, got "
+                         f"{act!r}")
 
 
 def _erase(eraser: Eraser, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +170,7 @@ def eraser_dim(attn: nn.Module, site: str) -> int:
 
 def attach_erasers(
     unet: nn.Module, rank: int = 128, *, dtype: torch.dtype = torch.float32,
-    generator: torch.Generator | None = None, site: str = "output",
+    generator: torch.Generator | None = None, site: str = "output", act: str = "gelu",
 ) -> dict[str, Eraser]:
     """Attach a fresh eraser to every cross-attention layer of ``unet``.
 
@@ -171,11 +180,13 @@ def attach_erasers(
         dtype: dtype of the eraser weights (fp32 by default, also on a half-precision UNet).
         generator: CPU generator for the initial ``down`` weights (seeded runs).
         site: ``"output"`` (attn2's output, the paper) or ``"input"`` (its text tokens).
+        act: ``"gelu"`` (the paper) or ``"linear"`` (no non-linearity: a low-rank linear map).
 
     Returns:
         The attached erasers, keyed by the name of their ``attn2`` module.
     """
     check_site(site)
+    check_act(act)
     targets = find_cross_attention(unet)
     if not targets:
         raise ValueError(
@@ -191,7 +202,7 @@ def attach_erasers(
     erasers = {}
     for name, attn in targets.items():  # all checks done: now change modules
         eraser = Eraser(eraser_dim(attn, site), rank, generator=generator,
-                        site=site).to(device=device, dtype=dtype)
+                        site=site, act=act).to(device=device, dtype=dtype)
         attn.add_module(ERASER_ATTR, eraser)
         hook = (attn.register_forward_hook(_eraser_hook) if site == "output" else
                 attn.register_forward_pre_hook(_input_eraser_hook, with_kwargs=True))

@@ -21,6 +21,7 @@ from torch import nn
 from .config import EraserConfig
 from .erasers import (
     attach_erasers,
+    check_act,
     check_site,
     eraser_dim,
     find_cross_attention,
@@ -93,6 +94,7 @@ def save_erasers(unet: nn.Module, out_dir: Path, config: EraserConfig) -> Path:
     config.layers = {name: e.dim for name, e in erasers.items()}
     config.rank = next(iter(erasers.values())).rank
     config.site = next(iter(erasers.values())).site
+    config.act = next(iter(erasers.values())).act
     save_tensors(out_dir / ERASERS_FILE, eraser_state(unet), {"format": "receler-erasers"})
     atomic_write(out_dir / CONFIG_FILE, config.save)
     return out_dir
@@ -140,7 +142,9 @@ def load_erasers(target, path: Path, *, replace: bool = False) -> EraserConfig:
                          "copy both from the same --out folder")
     rank = file_rank
     site = config.site if config is not None else "output"
+    act = config.act if config is not None else "gelu"
     check_site(site)
+    check_act(act)
     expected = _expected_shapes(unet, rank, site)
     for key, shape in expected.items():
         if key not in tensors:
@@ -158,7 +162,7 @@ def load_erasers(target, path: Path, *, replace: bool = False) -> EraserConfig:
             raise ValueError("this UNet already has erasers: pass replace=True or call "
                              "remove_erasers(unet) first")
         remove_erasers(unet)
-    erasers = attach_erasers(unet, rank, site=site)
+    erasers = attach_erasers(unet, rank, site=site, act=act)
     for name, eraser in erasers.items():
         eraser.load_state_dict({k: tensors[f"{name}.{k}"] for k in eraser.state_dict()})
     return config or EraserConfig(rank=rank)

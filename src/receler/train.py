@@ -128,7 +128,7 @@ class Trainer(TrainingLoop):
             raise ValueError("the UNet already has erasers: remove_erasers(pipe.unet) first")
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.erasers = attach_erasers(self.unet, config.rank, generator=self.generator,
-                                      site=config.eraser_site)
+                                      site=config.eraser_site, act=config.eraser_act)
         self.optimizer = torch.optim.Adam(eraser_parameters(self.unet), lr=config.lr)
         self.sched = ddim_scheduler(pipe, config.ddim_steps)
 
@@ -375,7 +375,8 @@ class Trainer(TrainingLoop):
     def finish(self) -> EraserConfig:
         """Save the erasers and their config; they stay attached to ``pipe.unet``."""
         cfg = self.config
-        config = EraserConfig(rank=cfg.rank, site=cfg.eraser_site, concepts=list(self.concepts),
+        config = EraserConfig(rank=cfg.rank, site=cfg.eraser_site, act=cfg.eraser_act,
+                              concepts=list(self.concepts),
                               base_model=self.base_model, train=cfg.to_dict())
         save_erasers(self.unet, self.out_dir, config)
         return config

@@ -309,7 +309,7 @@ def erase_with(name: str, pipe, config: TrainConfig, out_dir: str | Path, *,
         if not resume:
             start_work_dir(final_dir, out_dir)
         saved = trainer.train(resume=resume)
-        result = EditConfig(**{**common, "rank": saved.rank, "site": saved.site,
+        result = EditConfig(**{**common, "rank": saved.rank, "site": saved.site, "act": saved.act,
                                "layers": saved.layers}, stats={
             "trainable_parameters": sum(p.numel() for p in trainer.optimizer.param_groups[0]["params"]),
             "unet_forward": trainer.passes.forward, "unet_backward": trainer.passes.backward,
