@@ -154,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {run} is not a finished `receler protocol` run (no results.json or "
                   "erasers/): pass the run folders of Receler runs", file=sys.stderr)
             return 2
+        cfg = run / "erasers" / "eraser_config.json"
+        if cfg.is_file() and json.loads(cfg.read_text()).get("site", "output") != "output":
+            print(f"error: {run}'s erasers act on text tokens (--eraser-site input); this "
+                  "measures erasers on the attention output: pass output-site runs",
+                  file=sys.stderr)
+            return 2
     from receler.serialization import atomic_write
 
     items = [anatomy(run, args.steps) for run in args.runs]
