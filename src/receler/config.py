@@ -247,7 +247,8 @@ class TrainConfig:
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}: a negative η trains towards "
                              "the concept instead of away from it")
-        for name, allowed in (("adv_init", ADV_INITS), ("erase_on", ERASE_ON)):
+        for name, allowed in (("adv_init", ADV_INITS), ("erase_on", ERASE_ON),
+                              ("eraser_site", ERASER_SITES), ("eraser_act", ERASER_ACTIVATIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got "
                                  f"{getattr(self, name)!r}")
@@ -255,12 +256,6 @@ class TrainConfig:
             if t.count("{}") != 1 or not t.endswith("{}") or "{" in t.replace("{}", ""):
                 raise ValueError(f"prompt template {t!r} must end with {{}} (the concept) and "
                                  "hold no other braces, e.g. 'a photo of a {}'")
-        if self.eraser_site not in ERASER_SITES:
-            raise ValueError(f"eraser_site must be one of {', '.join(ERASER_SITES)}, got "
-                             f"{self.eraser_site!r}")
-        if self.eraser_act not in ERASER_ACTIVATIONS:
-            raise ValueError(f"eraser_act must be one of {', '.join(ERASER_ACTIVATIONS)}, got "
-                             f"{self.eraser_act!r}")
         if self.eraser_site == "input" and self.reg_weight > 0:
             raise ValueError(f"reg_weight={self.reg_weight}: the concept mask is spatial and an "
                              "eraser at the 'input' site acts on text tokens; pass --reg-weight 0 "
