@@ -149,13 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=100, help="attack steps")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "robustness")
     args = ap.parse_args(argv)
+    from receler.config import EraserConfig
+
     for run in args.runs:
         if not (run / "results.json").is_file() or not (run / "erasers").is_dir():
             print(f"error: {run} is not a finished `receler protocol` run (no results.json or "
                   "erasers/): pass the run folders of Receler runs", file=sys.stderr)
             return 2
         cfg = run / "erasers" / "eraser_config.json"
-        if cfg.is_file() and json.loads(cfg.read_text()).get("site", "output") != "output":
+        if cfg.is_file() and EraserConfig.load(cfg).site != "output":
             print(f"error: {run}'s erasers act on text tokens (--eraser-site input); this "
                   "measures erasers on the attention output: pass output-site runs",
                   file=sys.stderr)

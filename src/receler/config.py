@@ -64,8 +64,8 @@ def cli_concepts(values: list[str]) -> list[str]:
 
 MASK_SOURCES = ("attention", "guidance")
 ADV_INITS = ("prompt", "uniform")
-ERASER_SITES = ("output", "input")  # receler.erasers.SITES
-ERASER_ACTIVATIONS = ("gelu", "linear")  # receler.erasers.ACTIVATIONS
+ERASER_SITES = ("output", "input")  # where an eraser acts: attn2's output, or its text tokens
+ERASER_ACTIVATIONS = ("gelu", "linear")  # the eraser MLP's non-linearity ("linear": none)
 ERASE_ON = ("both", "attacked")
 # `--preset paper`: what the official code (jasper0314-huang/Receler, train_receler.py)
 # trains: its argparse defaults (500 iterations, lr 3e-4, rank 128, regulariser 0.1,

@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ERASER_ACTIVATIONS as ACTIVATIONS  # the MLP's non-linearity
+from .config import ERASER_SITES as SITES  # where an eraser acts: attn2's output or its tokens
+
 ERASER_ATTR = "eraser"
 _HOOK_ATTR = "_receler_eraser_hook"
-SITES = ("output", "input")  # where an eraser acts: attn2's output, or its text tokens
-ACTIVATIONS = ("gelu", "linear")  # the MLP's non-linearity; "linear": a low-rank linear map
 
 
 class Eraser(nn.Module):

@@ -92,9 +92,8 @@ def save_erasers(unet: nn.Module, out_dir: Path, config: EraserConfig) -> Path:
     if not erasers:
         raise ValueError("this UNet has no erasers to save: attach or train them first")
     config.layers = {name: e.dim for name, e in erasers.items()}
-    config.rank = next(iter(erasers.values())).rank
-    config.site = next(iter(erasers.values())).site
-    config.act = next(iter(erasers.values())).act
+    first = next(iter(erasers.values()))
+    config.rank, config.site, config.act = first.rank, first.site, first.act
     save_tensors(out_dir / ERASERS_FILE, eraser_state(unet), {"format": "receler-erasers"})
     atomic_write(out_dir / CONFIG_FILE, config.save)
     return out_dir

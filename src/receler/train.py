@@ -375,8 +375,7 @@ class Trainer(TrainingLoop):
     def finish(self) -> EraserConfig:
         """Save the erasers and their config; they stay attached to ``pipe.unet``."""
         cfg = self.config
-        config = EraserConfig(rank=cfg.rank, site=cfg.eraser_site, act=cfg.eraser_act,
-                              concepts=list(self.concepts),
+        config = EraserConfig(rank=cfg.rank, concepts=list(self.concepts),
                               base_model=self.base_model, train=cfg.to_dict())
         save_erasers(self.unet, self.out_dir, config)
         return config
