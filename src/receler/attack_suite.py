@@ -80,6 +80,7 @@ def soft_attack_suite(pipe, concept: str, plan: list[tuple[str, int]], latents, 
         {successes, total, loss}}], "pooled": {budget: Rate as a dict}}``, budgets as strings.
     """
     from .eval.detectors import evaluate_images
+    from .methods.sld import attacked_through_guidance, through_guidance
     from .serialization import atomic_write
 
     if n_images <= 0:
@@ -92,12 +93,15 @@ def soft_attack_suite(pipe, concept: str, plan: list[tuple[str, int]], latents, 
         image_seeds = list(range(IMAGE_SEED0 + i * n_images, IMAGE_SEED0 + (i + 1) * n_images))
         attack_key = {**key, "prompt": prompt, "attack": {**cfg.key(), "steps": None},
                       "image_seeds": image_seeds}
+        if attacked_through_guidance(pipe):  # a key of its own: not the bare UNet's attack
+            attack_key["through_guidance"] = True
         path = _cache_file(Path(cache_dir), attack_key) if cache_dir is not None else None
         entry = json.loads(path.read_text()) if path is not None and path.is_file() else \
             {"key": attack_key, "steps": {}}
         missing = sorted({s for s in checkpoints if str(s) not in entry["steps"]})
         if missing:
-            hidden, losses = soft_attack_trajectory(pipe, prompt, latents, cfg, missing)
+            with through_guidance(pipe, settings):
+                hidden, losses = soft_attack_trajectory(pipe, prompt, latents, cfg, missing)
             row = PromptRow(case_number=i, prompt=prompt, evaluation_seed=image_seeds[0])
             for s in missing:
                 images = generate_from_embedding(pipe, hidden[s], image_seeds, settings)

@@ -51,15 +51,19 @@ def measure_attacks(pipe, concept: str, prompt: str, latents, detector, settings
     images of the plain prompt, the soft-prompt attack (unless ``soft`` is false: the
     protocol measures it with :func:`receler.attack_suite.soft_attack_suite`) and the token
     attack."""
+    from .methods.sld import through_guidance
+
     seeds = list(range(1000, 1000 + n_images))
     sets = {"plain": generate(pipe, [prompt] * n_images, seeds, settings=settings)}
     soft_losses = [None]
     if soft:
-        hidden, soft_losses = soft_prompt_attack(pipe, prompt, latents, config,
-                                                 show_progress=show_progress)
+        with through_guidance(pipe, settings):
+            hidden, soft_losses = soft_prompt_attack(pipe, prompt, latents, config,
+                                                     show_progress=show_progress)
         sets["soft"] = generate_from_embedding(pipe, hidden, seeds, settings)
-    text, token_losses = discrete_token_attack(pipe, prompt, latents, config,
-                                               show_progress=show_progress)
+    with through_guidance(pipe, settings):
+        text, token_losses = discrete_token_attack(pipe, prompt, latents, config,
+                                                   show_progress=show_progress)
     sets["discrete"] = generate(pipe, [text] * n_images, seeds, settings=settings)
     row = PromptRow(case_number=0, prompt=prompt, evaluation_seed=0)
     rates = {}

@@ -48,6 +48,7 @@ from .image_keys import KEY_FILE, folder_key
 from .image_keys import check as check_images
 from .image_keys import claim as claim_images
 from .measure import measure_attacks, measure_latency
+from .methods.sld import attacked_through_guidance
 from .pipeline import default_model, load_pipeline
 from .sampling import SamplerSettings, generate_prompt_file, process_state, shard
 from .serialization import CHECKPOINT_FILE, CONFIG_FILE, atomic_write, read_tensors
@@ -280,7 +281,8 @@ class Protocol:
             result.update({f"success_soft{suffix}": rate["rate"], f"soft_n{suffix}": rate["total"],
                            f"soft_ci{suffix}": [rate["low"], rate["high"]],
                            f"soft_steps{suffix}": steps})
-        result.update(soft_attacks=suite["attacks"], grid=str(grid))
+        result.update(soft_attacks=suite["attacks"], grid=str(grid),
+                      through_guidance=attacked_through_guidance(pipe))
         if which == "base":
             text = json.dumps({"key": key, "result": result}, indent=2) + "\n"
             atomic_write(cache, lambda tmp: tmp.write_text(text))

@@ -28,6 +28,15 @@ resets the step count and ν; this holds for DDIM and LMS (the schedulers of
 timesteps, not for Heun-style solvers that query one timestep twice. :func:`remove_sld`
 takes the hooks off; the UNet is then exactly as before.
 
+Attacks go through the guidance (:func:`through_guidance`): while an attack optimises its
+prompt, a UNet call on the attacked prompt alone (not a CFG batch) returns SLD's guided
+conditional prediction ``ε_c − γ`` instead of the bare ``ε_c``, with gradients through
+``γ``. ``γ`` is applied at the timesteps the sampler reaches after its warm-up
+(``t ≤`` the timestep of denoising step ``warmup`` of the generation's scheduler and step
+count) and the momentum term is left out, since ν is a state of one sampling trajectory,
+not of a timestep. Without this the attack optimises against the bare UNet, which SLD does
+not change, and the guidance it must beat only appears when its images are generated.
+
 The safety concept S is, in this order: ``SldOptions.safety_concept`` when given
 (``"default"`` names SLD's own text, :data:`SLD_SAFETY_CONCEPT`); SLD's own text when the
 erased concept is ``nudity`` alone, as SLD is run on I2P; else the erased concepts joined
@@ -38,6 +47,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -123,6 +133,9 @@ class SafetyGuidance:
         self.enabled = True
         self.warned = False
         self.handles: list = []
+        self.uncond: Conditioning | None = None  # the empty prompt, set by attach_sld
+        self.attack_t: float | None = None  # guided from this timestep down, while attacked
+        self._attack: torch.Tensor | None = None  # the attacked call's timesteps
         self.reset()
 
     def reset(self) -> None:
@@ -140,9 +153,13 @@ class SafetyGuidance:
         return b % 2 == 0 and torch.equal(sample[:b // 2], sample[b // 2:])
 
     def pre_hook(self, module, args, kwargs):
-        self._half = None
+        self._half, self._attack = None, None
         sample = args[0] if args else kwargs["sample"]
-        if not self.enabled or not self._is_cfg_batch(sample):
+        if not self.enabled:
+            return None
+        if self.attack_t is not None:
+            return self._attack_pre_hook(args, kwargs)
+        if not self._is_cfg_batch(sample):
             return None
         h = sample.shape[0] // 2
         t = args[1] if len(args) > 1 else kwargs["timestep"]
@@ -182,8 +199,69 @@ class SafetyGuidance:
         self._half = h
         return tuple(args), kwargs
 
-    @torch.no_grad()
+    def _attack_pre_hook(self, args, kwargs):
+        """An attacked call ``(B, …)`` becomes ``[x; x; x]`` under ``[cond; ∅; S]``."""
+        args, kwargs = list(args), dict(kwargs)
+        sample = args[0] if args else kwargs["sample"]
+        b = sample.shape[0]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        t = torch.as_tensor(t, device=sample.device).flatten()
+        self._attack = (t.expand(b) if t.numel() == 1 else t).float()
+        extra = torch.cat([self.uncond.hidden.expand(b, -1, -1),
+                           self.safety.hidden.expand(b, -1, -1)])
+
+        def triple(x, tail=None):
+            if not torch.is_tensor(x) or x.ndim == 0 or x.shape[0] != b:
+                return x
+            return torch.cat([x, x, x] if tail is None else [x, tail.to(x.device, x.dtype)])
+
+        if args:
+            args[0] = triple(sample)
+        else:
+            kwargs["sample"] = triple(sample)
+        if len(args) > 1:
+            args[1] = triple(args[1])
+        if len(args) > 2:
+            args[2] = triple(args[2], extra)
+        else:
+            kwargs["encoder_hidden_states"] = triple(kwargs["encoder_hidden_states"], extra)
+        for key, value in list(kwargs.items()):
+            if key in ("sample", "encoder_hidden_states"):
+                continue
+            if key == "added_cond_kwargs" and value is not None:
+                raise ValueError("the attack through SLD's guidance supports SD-style UNets "
+                                 "only (this one takes added conditions, SDXL-style)")
+            kwargs[key] = triple(value)
+        return tuple(args), kwargs
+
+    def gamma(self, e_u, e_c, e_s, momentum=None):
+        """SLD's safety term (eqs. 4, 6, 7) of one step."""
+        o = self.options
+        diff = e_c - e_s
+        scale = torch.clamp(diff.abs() * o.guidance, max=1.0)
+        scale = torch.where(diff >= o.threshold, torch.zeros_like(scale), scale)  # eq. 6
+        gamma = (e_s - e_u) * scale  # eq. 4
+        return gamma if momentum is None else gamma + o.momentum * momentum  # eq. 7
+
     def post_hook(self, module, args, kwargs, output):
+        if self._attack is not None:
+            return self._attack_post_hook(output)
+        with torch.no_grad():
+            return self._sampling_post_hook(output)
+
+    def _attack_post_hook(self, output):
+        """``ε_c − γ`` where the sampler guides (``t ≤ attack_t``), ``ε_c`` elsewhere."""
+        t, self._attack = self._attack, None
+        eps = output[0] if isinstance(output, tuple) else output.sample
+        b = len(t)
+        e_c, e_u, e_s = eps[:b].float(), eps[b:2 * b].float(), eps[2 * b:].float()
+        on = (t <= self.attack_t).to(e_c.dtype).view(b, *[1] * (e_c.ndim - 1))
+        new = (e_c - on * self.gamma(e_u, e_c, e_s)).to(eps.dtype)
+        if isinstance(output, tuple):
+            return (new, *output[1:])
+        return type(output)(sample=new)
+
+    def _sampling_post_hook(self, output):
         h, self._half = self._half, None
         if h is None:
             return None
@@ -192,10 +270,7 @@ class SafetyGuidance:
         o = self.options
         if self.momentum is None:
             self.momentum = torch.zeros_like(e_c)
-        diff = e_c - e_s
-        scale = torch.clamp(diff.abs() * o.guidance, max=1.0)
-        scale = torch.where(diff >= o.threshold, torch.zeros_like(scale), scale)  # eq. 6
-        gamma = (e_s - e_u) * scale + o.momentum * self.momentum  # eqs. 4, 7
+        gamma = self.gamma(e_u, e_c, e_s, self.momentum)
         self.momentum = o.beta * self.momentum + (1 - o.beta) * gamma  # eq. 8
         if self.step >= o.warmup:
             e_c = e_c - gamma
@@ -228,6 +303,7 @@ def attach_sld(pipe, concepts: list[str], options: SldOptions) -> SafetyGuidance
     text = safety_text(concepts, options)
     guidance = SafetyGuidance(pipe, encode(pipe, [text]), options)
     guidance.text = text
+    guidance.uncond = encode(pipe, [""])
     unet = pipe.unet
     guidance.handles = [
         unet.register_forward_pre_hook(guidance.pre_hook, with_kwargs=True),
@@ -246,3 +322,41 @@ def remove_sld(unet) -> bool:
         handle.remove()
     delattr(unet, _SLD_ATTR)
     return True
+
+
+def warmup_timestep(pipe, options: SldOptions, settings) -> float:
+    """The timestep of denoising step ``options.warmup`` of a generation with ``settings``
+    (scheduler and step count): SLD guides there and below; ``-inf`` when the warm-up
+    outlasts the generation."""
+    from ..sampling import SCHEDULERS
+
+    sched = SCHEDULERS[settings.scheduler].from_config(pipe.scheduler.config)
+    sched.set_timesteps(settings.steps)
+    steps = sched.timesteps
+    return float(steps[options.warmup]) if options.warmup < len(steps) else float("-inf")
+
+
+def attacked_through_guidance(pipe) -> bool:
+    """Whether an attack on ``pipe`` now goes through SLD's guidance: SLD is attached and
+    enabled (the base model's attack, with the edit disabled, does not)."""
+    guidance = get_sld(pipe.unet)
+    return guidance is not None and guidance.enabled
+
+
+def through_guidance(pipe, settings):
+    """Context in which an attack on ``pipe`` optimises through SLD's guidance (module
+    docstring), for generations with ``settings``; a no-op unless
+    :func:`attacked_through_guidance`. Yields whether it is active."""
+    if not attacked_through_guidance(pipe):
+        return nullcontext(False)
+    guidance = get_sld(pipe.unet)
+    return _attacked(guidance, warmup_timestep(pipe, guidance.options, settings))
+
+
+@contextmanager
+def _attacked(guidance: SafetyGuidance, t: float):
+    guidance.attack_t = t
+    try:
+        yield True
+    finally:
+        guidance.attack_t, guidance._attack = None, None
