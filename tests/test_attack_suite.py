@@ -90,3 +90,32 @@ def test_suite_pools_k_attacks_with_a_wilson_interval_and_caches_each(pipe, colo
     assert len(list(tmp_path.glob("attack_*.json"))) == 4
     cached = json.loads(next(tmp_path.glob("attack_*.json")).read_text())
     assert cached["key"]["detector"] == colour_detector and cached["key"]["attack"]["steps"] is None
+
+
+def test_suite_draws_every_attacks_images_also_from_its_cache(pipe, colour_detector, tmp_path,
+                                                              monkeypatch):
+    from PIL import Image
+
+    z, det = latents(pipe), get_detector(colour_detector)
+    plan = attack_plan(rows(["a photo of a car"], ["a red picture"]), "car", 2,
+                       first="a photo of a car")
+    key = suite_key("erased", colour_detector, "a photo of a car", SETTINGS)
+    grid = tmp_path / "grid" / "soft.png"
+    kwargs = dict(checkpoints=[0, 2], n_images=3, key=key, cache_dir=tmp_path / "cache",
+                  grid_path=grid)
+    out = soft_attack_suite(pipe, "car", plan, z, det, SETTINGS, CONFIG, **kwargs)
+    strips = sorted((tmp_path / "cache").glob("attack_*_*.png"))
+    assert len(strips) == 4  # two attacks, two budgets
+    w, h = Image.open(strips[0]).size
+    assert w > 3 * h - 10  # three images side by side
+    first = Image.open(grid)
+    assert first.height > 4 * h  # a row per attack and budget
+    assert all(s["strip"] for a in out["attacks"] for s in a["steps"].values())
+
+    # From the cache, nothing optimised or generated again, the same picture.
+    monkeypatch.setattr(attack_suite, "soft_attack_trajectory", lambda *a, **k: 1 / 0)
+    grid.unlink()
+    soft_attack_suite(pipe, "car", plan, z, det, SETTINGS, CONFIG, **kwargs)
+    import numpy as np
+
+    assert np.array_equal(np.asarray(Image.open(grid)), np.asarray(first))

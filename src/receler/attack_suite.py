@@ -17,11 +17,13 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .attack import AttackConfig, generate_from_embedding, soft_attack_trajectory
 from .eval.metrics import to_dict, wilson
 from .eval.prompts import PromptRow
+from .viz import image_grid
 
 IMAGE_SEED0 = 1000  # attack i uses image seeds IMAGE_SEED0 + i·N … + i·N + N − 1
 
@@ -63,8 +65,8 @@ def _cache_file(cache_dir: Path, key: dict) -> Path:
 
 def soft_attack_suite(pipe, concept: str, plan: list[tuple[str, int]], latents, detector,
                       settings, config: AttackConfig, *, checkpoints: list[int], n_images: int,
-                      key: dict, cache_dir: Path | None = None, show_progress: bool = False
-                      ) -> dict:
+                      key: dict, cache_dir: Path | None = None, grid_path: Path | None = None,
+                      show_progress: bool = False) -> dict:
     """Run the attacks of ``plan`` and count the images in which ``concept`` is detected.
 
     Args:
@@ -73,7 +75,10 @@ def soft_attack_suite(pipe, concept: str, plan: list[tuple[str, int]], latents, 
         config: tokens, lr, noise draws; ``steps`` is not read, ``seed`` is each attack's.
         checkpoints: attack step budgets to measure, e.g. ``[100, 300]``.
         key: what else decides the counts (:func:`suite_key`), part of each cache key.
-        cache_dir: folder of the per-attack cache files (``None``: no cache).
+        cache_dir: folder of the per-attack cache files (``None``: no cache); each attack's
+            images at each budget are kept beside its file as one strip (``.png``).
+        grid_path: where to draw every attack's images, one row per attack and budget,
+            labelled with its successes (rows of attacks cached without a strip are left out).
 
     Returns:
         ``{"attacks": [per attack: prompt, seed, tokens, image_seeds, steps: {budget:
@@ -110,6 +115,11 @@ def soft_attack_suite(pipe, concept: str, plan: list[tuple[str, int]], latents, 
                 entry["steps"][str(s)] = {"successes": sum(r.present(concept) for r in recs),
                                           "total": len(recs),
                                           "loss": losses[s - 1] if s else None}
+                if path is not None:
+                    strip = path.with_name(f"{path.stem}_{s}.png")
+                    atomic_write(strip, lambda tmp, ims=images: image_grid(
+                        ims, cols=len(ims)).save(tmp, "PNG"))
+                    entry["steps"][str(s)]["strip"] = strip.name
             if path is not None:
                 text = json.dumps(entry, indent=2) + "\n"
                 atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
@@ -118,9 +128,37 @@ def soft_attack_suite(pipe, concept: str, plan: list[tuple[str, int]], latents, 
                         "steps": {str(s): entry["steps"][str(s)] for s in checkpoints}})
         bar.update(1)
     bar.close()
+    if grid_path is not None and cache_dir is not None:
+        _draw_attacks(attacks, checkpoints, Path(cache_dir), Path(grid_path))
     pooled = {}
     for s in checkpoints:
         hits = sum(a["steps"][str(s)]["successes"] for a in attacks)
         total = sum(a["steps"][str(s)]["total"] for a in attacks)
         pooled[str(s)] = to_dict(wilson(hits, total))
     return {"attacks": attacks, "pooled": pooled}
+
+
+def _draw_attacks(attacks: list[dict], checkpoints: list[int], cache_dir: Path,
+                  out: Path) -> None:
+    """One row per attack and budget: the strip kept beside the attack's cache file."""
+    from .serialization import atomic_write
+
+    strips, labels = [], []
+    for i, a in enumerate(attacks):
+        for s in checkpoints:
+            step = a["steps"][str(s)]
+            if "strip" in step and (cache_dir / step["strip"]).is_file():
+                strips.append(Image.open(cache_dir / step["strip"]).convert("RGB"))
+                labels.append(f"#{i} {s} steps {step['successes']}/{step['total']}")
+    if not strips:
+        return
+    width = max(im.width for im in strips)
+    rows = [im if im.width == width else _pad(im, width) for im in strips]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: image_grid(rows, cols=1, row_labels=labels).save(tmp, "PNG"))
+
+
+def _pad(im: Image.Image, width: int) -> Image.Image:
+    canvas = Image.new("RGB", (width, im.height), (235, 235, 235))
+    canvas.paste(im, (0, 0))
+    return canvas

@@ -275,7 +275,7 @@ class Protocol:
             checkpoints=budgets, n_images=cfg.attack_images,
             key=suite_key(which, cfg.detector, self.concept_prompt(), self.settings),
             cache_dir=root / ("soft_attacks" if which == "base" else "soft"),
-            show_progress=self.show_progress)
+            grid_path=root / f"{which}_soft.png", show_progress=self.show_progress)
         for suffix, steps in (("", budgets[0]), ("_3x", budgets[1])):
             rate = suite["pooled"][str(steps)]
             result.update({f"success_soft{suffix}": rate["rate"], f"soft_n{suffix}": rate["total"],
