@@ -29,10 +29,13 @@ COLOURS = [(200, 40, 40), (40, 110, 200), (30, 150, 60), (150, 60, 160), (230, 1
 
 
 def row_of(run: Path, res: dict) -> dict:
-    """One point: the run's label (folder name), its quality and both attack budgets."""
+    """One point: the run's label (its method and training seed), its quality and both
+    attack budgets."""
     conf = run / "erasers" / "eraser_config.json"  # the training seed, where one trained
     seed = (json.loads(conf.read_text()).get("train") or {}).get("seed") if conf.is_file() else None
-    row = {"method": run.name, "concept": res["concept"], "run": str(run), "seed": seed}
+    label = res.get("method") or run.name
+    label += f" s{seed}" if seed is not None else ""
+    row = {"method": label, "concept": res["concept"], "run": str(run), "seed": seed}
     for k in ("acc_e", "acc_r", "acc_l", "h"):
         row[k] = res.get(k)
     for suffix in ("", "_3x"):
@@ -178,11 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         print("error: none of the folders holds a finished run (results.json): pass "
               "`receler protocol --out` folders", file=sys.stderr)
         return 2
-    # a folder name that repeats within a concept (runs/merge/*/merged) is named with its parent
+    # a label that repeats within a concept (two settings of one method, a merged export)
+    # gets the run's folder, and its parent's where folder names repeat too (runs/merge/*/merged)
     names = [(r["concept"], r["method"]) for r in rows]
+    folders = [(r["concept"], Path(r["run"]).name) for r in rows]
     for r in rows:
         if names.count((r["concept"], r["method"])) > 1:
-            r["method"] = f"{Path(r['run']).parent.name}/{r['method']}"
+            run = Path(r["run"])
+            where = run.name if folders.count((r["concept"], run.name)) == 1 else \
+                f"{run.parent.name}/{run.name}"
+            r["method"] = f"{r['method']} ({where})"
     mark_front(rows)
     mark_front(rows, "attack_3x")
     for p in write(rows, args.out):

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from conftest import load_benchmark
 from PIL import Image
 
 
-def fake_run(folder, concept, acc_l, attack, attack_3x, seed=0):
+def fake_run(folder, concept, acc_l, attack, attack_3x, seed=0, method="receler"):
     """A results.json with the keys the front reads (what a protocol run writes)."""
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({
-        "concept": concept, "acc_e": 0.0, "acc_r": 0.0, "acc_l": acc_l, "h": 0.9,
+        "concept": concept, "method": method, "acc_e": 0.0, "acc_r": 0.0, "acc_l": acc_l, "h": 0.9,
         "attack_success_soft": attack, "attack_n": 50, "attack_ci": [0.0, 0.1],
         "attack_success_soft_3x": attack_3x, "attack_n_3x": 50, "attack_ci_3x": [0.0, 0.2]}))
     (folder / "erasers").mkdir()
@@ -25,7 +26,8 @@ def test_front_keeps_the_undominated_runs_of_each_concept(tmp_path, capsys):
     runs = [fake_run(tmp_path / "star" / "a", "star", 1.00, 0.30, 0.9),   # best locality
             fake_run(tmp_path / "star" / "b", "star", 0.95, 0.00, 0.5, seed=2),  # most robust
             fake_run(tmp_path / "star" / "c", "star", 0.95, 0.10, 0.2),   # dominated by b
-            fake_run(tmp_path / "heart" / "a", "heart", 0.80, 0.50, 0.6)]  # best Acc_L: on front
+            fake_run(tmp_path / "heart" / "a", "heart", 0.80, 0.50, 0.6),  # best Acc_L: on front
+            fake_run(tmp_path / "heart" / "e", "heart", 0.60, 0.90, 0.9, method="esd-x")]
     runs += [fake_run(tmp_path / f"m{i}" / "merged", "heart", 0.7, 0.1 * i, 0.2) for i in (1, 2)]
     nothing = fake_run(tmp_path / "star" / "d", "star", 1.00, 1.0, 1.0)
     res = json.loads((nothing / "results.json").read_text())
@@ -35,14 +37,22 @@ def test_front_keeps_the_undominated_runs_of_each_concept(tmp_path, capsys):
     out = tmp_path / "out"
     assert pareto.main([*map(str, runs), str(tmp_path / "star" / "base"), "--out", str(out)]) == 0
     assert "skipped" in capsys.readouterr().err
-    rows = {(r["concept"], r["method"]): r for r in json.loads((out / "pareto.json").read_text())}
+    got = json.loads((out / "pareto.json").read_text())
+    # labelled by method and seed; a label that repeats gets the folder (its parent's too
+    # where folder names repeat)
+    assert {(r["concept"], r["method"]) for r in got} == {
+        ("star", "receler s0 (a)"), ("star", "receler s2"), ("star", "receler s0 (c)"),
+        ("star", "receler s0 (d)"), ("heart", "receler s0 (a)"), ("heart", "esd-x s0"),
+        ("heart", "receler s0 (m1/merged)"), ("heart", "receler s0 (m2/merged)")}
+    rows = {(r["concept"], Path(r["run"]).name if "merged" not in r["run"] else
+             Path(r["run"]).parent.name): r for r in got}
     # d keeps Acc_L 1.00 by not erasing: never on the front
     assert [rows["star", m]["on_front"] for m in "abcd"] == [True, True, False, False]
     # at 3×, c (same Acc_L as b, lower attack) dominates b; a keeps the best Acc_L
     assert [rows["star", m]["on_front_3x"] for m in "abc"] == [True, False, True]
     assert rows["heart", "a"]["on_front"] and rows["star", "b"]["seed"] == 2
-    # two folders of one name: told apart by their parents; m1 dominates m2
-    assert rows["heart", "m1/merged"]["on_front"] and not rows["heart", "m2/merged"]["on_front"]
+    assert not rows["heart", "e"]["on_front"]  # dominated by heart a
+    assert rows["heart", "m1"]["on_front"] and not rows["heart", "m2"]["on_front"]
     assert rows["star", "a"]["attack_n"] == 50 and rows["star", "a"]["attack_ci"] == [0.0, 0.1]
     md = (out / "pareto.md").read_text()
     assert "## star" in md and "## heart" in md and "0.00 [0.00, 0.10] (n 50)" in md
