@@ -153,7 +153,8 @@ def erase_step(args, method: str, concepts: list[str], seed: int) -> Path:
     if (out / CONFIG_FILE).is_file():
         return out
     cmd = ["erase", *(f"--concept={c}" for c in concepts), "--method", method, "--out",
-           str(out), "--seed", str(seed), "--threads", str(args.threads), "--quiet",
+           str(out), *(["--seed", str(seed)] if seeded(method) else []),
+           "--threads", str(args.threads), "--quiet",
            *scaled_flags(method, len(concepts), args.model, args.erase_flag), *args.erase_flag]
     if args.model:
         cmd += ["--model", args.model]

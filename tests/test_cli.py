@@ -114,6 +114,10 @@ def test_existing_erasers_are_refused_without_overwrite(tiny_model_dir, erased):
     (["--concept", " , "], "empty concept"),
     (["--concept", "car", "--iterations", "0"], "iterations must be positive"),
     (["--concept", "car", "--mask-source", "nope"], "mask_source must be one of"),
+    # a setting the method does not read would be silently ignored
+    (["--concept", "car", "--method", "esd-x", "--reg-weight", "5"],
+     "--reg-weight is not a setting of --method esd-x"),
+    (["--concept", "car", "--method", "uce", "--seed", "1"], "--seed is not a setting"),
 ])
 def test_bad_settings_exit_with_one_line(tiny_model_dir, tmp_path, args, message):
     proc = receler("erase", "--model", tiny_model_dir, "--out", tmp_path / "o", *args,

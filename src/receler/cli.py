@@ -226,6 +226,10 @@ def _train_config(args, concepts: str | list[str], method: str = "receler", *,
         concepts = cli_concepts(concepts)
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
              if f.name != "concepts" and getattr(args, f.name) is not None}
+    unread = [k for k in given if k not in get_method(method).config_fields]
+    if unread:  # it would be silently ignored
+        raise ValueError(f"--{unread[0].replace('_', '-')} is not a setting of --method "
+                         f"{method}, which would ignore it: drop it")
     preset = getattr(args, "preset", None)
     if preset is not None:
         paper = {} if method.startswith("receler") else get_method(method).paper_defaults
