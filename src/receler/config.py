@@ -213,6 +213,11 @@ class TrainConfig:
     erase_on: str = _f("both", "prompts of the eraser step once the attack runs: 'both' (the "
                                "plain and the attacked prompt, one batch) or 'attacked' (the "
                                "attacked prompt only, the paper's code)")
+    init_erasers: str = _f(
+        "", "eraser folder the run starts from instead of fresh erasers (sequential erasure: "
+        "a set that already erases some concepts, trained further; list those concepts in "
+        "--concept too, or the anchor term may undo them); its rank, site and activation "
+        "must be this run's ('' = fresh erasers)")
     seed: int = _f(0, "seed of every random draw of the run")
     checkpoint_every: int = _f(50, "write a resumable checkpoint every N iterations")
     mask_image_every: int = _f(100, "save a picture of the concept mask every N iterations (0 = never)")

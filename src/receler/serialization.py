@@ -108,21 +108,12 @@ def _expected_shapes(unet: nn.Module, rank: int, site: str) -> dict[str, tuple[i
     return shapes
 
 
-def load_erasers(target, path: Path, *, replace: bool = False) -> EraserConfig:
-    """Load an eraser set onto a pipeline (or a UNet).
-
-    Everything is checked before any module changes: a file that does not fit the
-    UNet is refused with the layer and the expected and found shapes.
-
-    Args:
-        target: a diffusers pipeline with a ``unet``, or the UNet itself.
-        path: folder with ``erasers.safetensors`` (and ``eraser_config.json``), or the file.
-        replace: remove erasers already attached instead of refusing.
-
-    Returns:
-        The eraser config that was saved with the weights.
-    """
-    unet = getattr(target, "unet", target)
+def read_eraser_weights(unet: nn.Module, path: Path) -> tuple[dict[str, torch.Tensor],
+                                                             EraserConfig]:
+    """An eraser set's weights and config, checked against ``unet``'s layers (nothing is
+    attached): a file that does not fit is refused with the layer and the expected and found
+    shapes. ``path``: folder with ``erasers.safetensors`` (and ``eraser_config.json``), or the
+    file."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     weights = folder / ERASERS_FILE if path.is_dir() else path
@@ -139,12 +130,10 @@ def load_erasers(target, path: Path, *, replace: bool = False) -> EraserConfig:
         raise ValueError(f"{folder / CONFIG_FILE} says rank {config.rank} but {weights} holds "
                          f"rank-{file_rank} erasers: the two files come from different runs; "
                          "copy both from the same --out folder")
-    rank = file_rank
-    site = config.site if config is not None else "output"
-    act = config.act if config is not None else "gelu"
-    check_site(site)
-    check_act(act)
-    expected = _expected_shapes(unet, rank, site)
+    config = config or EraserConfig(rank=file_rank)
+    check_site(config.site)
+    check_act(config.act)
+    expected = _expected_shapes(unet, file_rank, config.site)
     for key, shape in expected.items():
         if key not in tensors:
             raise ValueError(f"eraser file {weights} has no weights for layer {key} "
@@ -156,15 +145,38 @@ def load_erasers(target, path: Path, *, replace: bool = False) -> EraserConfig:
     if extra:
         raise ValueError(f"eraser file {weights} has weights for layer {extra[0]}, which this "
                          "UNet does not have: it was trained for another UNet")
+    return tensors, config
+
+
+def set_eraser_weights(erasers: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy checked weights (:func:`read_eraser_weights`) into attached erasers."""
+    for name, eraser in erasers.items():
+        eraser.load_state_dict({k: tensors[f"{name}.{k}"] for k in eraser.state_dict()})
+
+
+def load_erasers(target, path: Path, *, replace: bool = False) -> EraserConfig:
+    """Load an eraser set onto a pipeline (or a UNet).
+
+    Everything is checked before any module changes (:func:`read_eraser_weights`).
+
+    Args:
+        target: a diffusers pipeline with a ``unet``, or the UNet itself.
+        path: folder with ``erasers.safetensors`` (and ``eraser_config.json``), or the file.
+        replace: remove erasers already attached instead of refusing.
+
+    Returns:
+        The eraser config that was saved with the weights.
+    """
+    unet = getattr(target, "unet", target)
+    tensors, config = read_eraser_weights(unet, path)
     if get_erasers(unet):
         if not replace:
             raise ValueError("this UNet already has erasers: pass replace=True or call "
                              "remove_erasers(unet) first")
         remove_erasers(unet)
-    erasers = attach_erasers(unet, rank, site=site, act=act)
-    for name, eraser in erasers.items():
-        eraser.load_state_dict({k: tensors[f"{name}.{k}"] for k in eraser.state_dict()})
-    return config or EraserConfig(rank=rank)
+    set_eraser_weights(attach_erasers(unet, config.rank, site=config.site, act=config.act),
+                       tensors)
+    return config
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:

@@ -68,10 +68,12 @@ from .serialization import (
     commit_work_dir,
     eraser_state,
     optimizer_tensors,
+    read_eraser_weights,
     read_tensors,
     restore_optimizer,
     save_erasers,
     save_tensors,
+    set_eraser_weights,
     start_work_dir,
     work_dir,
 )
@@ -126,9 +128,12 @@ class Trainer(TrainingLoop):
 
         if get_erasers(self.unet):
             raise ValueError("the UNet already has erasers: remove_erasers(pipe.unet) first")
+        init = self._initial_erasers(config)  # checked before the UNet is touched
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.erasers = attach_erasers(self.unet, config.rank, generator=self.generator,
                                       site=config.eraser_site, act=config.eraser_act)
+        if init is not None:
+            set_eraser_weights(self.erasers, init)
         self.optimizer = torch.optim.Adam(eraser_parameters(self.unet), lr=config.lr)
         self.sched = ddim_scheduler(pipe, config.ddim_steps)
 
@@ -190,6 +195,25 @@ class Trainer(TrainingLoop):
                         ddim_until(pipe, self.sched, self._noise(), self.uncond, self.cond[c],
                                    config.base_guidance, config.ddim_steps, count=self.passes)
                         for _ in range(config.base_images)])
+
+    def _initial_erasers(self, config: TrainConfig) -> dict[str, torch.Tensor] | None:
+        """The weights of ``config.init_erasers``, checked against the UNet and the run."""
+        if not config.init_erasers:
+            return None
+        tensors, found = read_eraser_weights(self.unet, Path(config.init_erasers))
+        mine = (config.rank, config.eraser_site, config.eraser_act)
+        if (found.rank, found.site, found.act) != mine:
+            raise ValueError(
+                f"--init-erasers {config.init_erasers} holds rank-{found.rank} erasers at site "
+                f"{found.site!r} with activation {found.act!r}, this run trains rank "
+                f"{mine[0]} at {mine[1]!r} with {mine[2]!r}: pass --rank {found.rank} "
+                f"--eraser-site {found.site} --eraser-act {found.act}")
+        dropped = [c for c in found.concepts if c not in config.concepts]
+        if dropped:
+            logger.warning("--init-erasers %s also erases %s, which --concept does not list: "
+                           "the anchor term may bring it back; list it to keep it erased",
+                           config.init_erasers, ", ".join(dropped))
+        return tensors
 
     def _adv_optimizer(self, soft: torch.Tensor) -> torch.optim.Optimizer:
         return torch.optim.Adam([soft], lr=self.config.adv_lr,
