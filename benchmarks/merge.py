@@ -122,6 +122,10 @@ def summary(args, record: dict, rows: dict[str, tuple[dict, Path]]) -> dict:
     attached = rows["erasers attached"][0]
     table = {"base": {k: attached["base"][k] for k in METRICS}}
     table.update({name: {k: r[k] for k in METRICS} for name, (r, _) in rows.items()})
+    # each class's detection rate, so that a lost neighbour is named, not only averaged
+    table["base"]["per_class"] = per_class(attached["base"])
+    for name, (r, _) in rows.items():
+        table[name]["per_class"] = per_class(r)
     return {"receler_version": receler.__version__, "date": datetime.date.today().isoformat(),
             "command": " ".join(["python", "benchmarks/merge.py", *sys.argv[1:]]),
             "concept": args.concept, "erasers": str(args.erasers),
@@ -134,9 +138,14 @@ def summary(args, record: dict, rows: dict[str, tuple[dict, Path]]) -> dict:
             "train_erasers": attached.get("train")}
 
 
+def per_class(res: dict) -> dict[str, float]:
+    """Detection rate of each class's simple prompts (the concept's included)."""
+    return {c["class_name"]: c["rate"]["rate"] for c in res["metrics"]["per_class"]}
+
+
 def to_markdown(s: dict) -> str:
-    def num(x):
-        return "–" if x is None else f"{x:.3f}"
+    def num(x, digits=3):
+        return "–" if x is None else f"{x:.{digits}f}"
 
     def attack(row, suffix=""):
         rate, n, ci = (row[f"attack_success_soft{suffix}"], row[f"attack_n{suffix}"],
@@ -161,6 +170,12 @@ def to_markdown(s: dict) -> str:
         lines.append(f"| {name} | {num(row['acc_e'])} | {num(row['acc_r'])} | "
                      f"{num(row['acc_l'])} | {num(row['h'])} | {attack(row)} | "
                      f"{attack(row, '_3x')} |")
+    classes = list(s["table"]["base"].get("per_class", {}))
+    if classes:
+        lines += ["", "Detection rate per class (simple prompts):", "",
+                  "| model | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(num(row["per_class"].get(c), 2) for c in classes)
+                  + " |" for name, row in s["table"].items() if "per_class" in row]
     rows = ", ".join(f"{n} {k.replace('_', '-')}" for k, n in s["rows"].items())
     lines += ["", f"Prompt rows per model: {rows}. Skipped stages: "
               f"{', '.join(s['skipped']) or 'none'}. Base images: `{s['base_dir']}`."]

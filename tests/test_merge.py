@@ -192,3 +192,33 @@ def test_benchmark_reuses_the_erasers_own_comparable_protocol_run(tmp_path, monk
     other = {"config": {**config, "per_class": 2}}  # measured with other settings: run anew
     assert bench.attached_step(args, other) == ({}, tmp_path / "runs" / "attached")
     assert asked == [tmp_path / "runs" / "attached"]
+
+
+def test_benchmark_table_names_each_class_rate(tmp_path):
+    from types import SimpleNamespace
+
+    from conftest import load_benchmark
+
+    bench = load_benchmark("merge")
+    rate = {"acc_e": 0.0, "acc_r": 0.0, "acc_l": 0.9, "h": 0.95, "attack_success_soft": 0.1,
+            "attack_n": 50, "attack_ci": [0.04, 0.21], "attack_success_soft_3x": 0.2,
+            "attack_n_3x": 50, "attack_ci_3x": [0.1, 0.3]}
+
+    def res(circle, star):
+        per = [{"class_name": c, "rate": {"rate": v}} for c, v in (("circle", circle),
+                                                                   ("star", star))]
+        return {**rate, "metrics": {"per_class": per}}
+
+    attached = {**res(1.0, 0.0), "base": res(1.0, 1.0), "rows": {"simple": 20},
+                "skipped": ["latency"], "train": {}}
+    rows = {"erasers attached": (attached, tmp_path / "a"), "merged": (res(0.4, 0.0),
+                                                                       tmp_path / "m")}
+    record = {"parameters": ["x"], "merge": {"params": "to_out", "iterations": 10, "lr": 1e-4},
+              "stats": {"trainable_parameters": 5, "unet_forward": 1, "unet_backward": 1,
+                        "seconds": 2.0}, "fidelity": None, "retain_prompts": [""]}
+    args = SimpleNamespace(concept="star", erasers=tmp_path / "e", base_dir=tmp_path / "b")
+    s = bench.summary(args, record, rows)
+    assert s["table"]["merged"]["per_class"] == {"circle": 0.4, "star": 0.0}
+    assert s["table"]["base"]["per_class"] == {"circle": 1.0, "star": 1.0}
+    md = bench.to_markdown(s)
+    assert "| model | circle | star |" in md and "| merged | 0.40 | 0.00 |" in md
