@@ -9,7 +9,9 @@ success, one of them strictly; runs that do not erase (Acc_E above 0.5) are neve
     python benchmarks/pareto.py runs/benchmark/full/*/* --out benchmarks/results/pareto
 
 writes ``pareto.json`` (one row per run: method, concept, seed, acc_e, acc_r, acc_l, h,
-attack rate with n and interval at both budgets, on_front), ``pareto.md`` and
+attack rate with n and interval at both budgets, on_front), ``pooled.json`` (runs that
+differ only in their training seed pooled: attacked images summed, the rest averaged),
+``pareto.md`` and
 ``pareto_<concept>.png`` (Acc_L across, attack success up; 95% intervals as bars; the
 front's points ringed). Folders without ``results.json`` (base folders, unfinished runs)
 are skipped with their names printed.
@@ -32,11 +34,25 @@ def row_of(run: Path, res: dict) -> dict:
     """One point: the run's label (its method and training seed), its quality and both
     attack budgets."""
     conf = run / "erasers" / "eraser_config.json"  # the training seed, where one trained
-    seed = (json.loads(conf.read_text()).get("train") or {}).get("seed") if conf.is_file() else None
+    saved = json.loads(conf.read_text()) if conf.is_file() else {}
+    seed = (saved.get("train") or {}).get("seed")
     label = res.get("method") or run.name
     label += f" s{seed}" if seed is not None else ""
     row = {"method": label, "concept": res["concept"], "run": str(run), "seed": seed}
-    for k in ("acc_e", "acc_r", "acc_l", "h"):
+    # runs that differ only in the training seed pool (pooled()); others never do
+    train = saved.get("train") or {}
+    if res.get("method", "").startswith("receler") and train:
+        from receler.config import TrainConfig
+
+        try:  # a field added later (eraser_site) reads as its default, as when it loads
+            train = TrainConfig.from_dict(train).to_dict()
+        except (TypeError, ValueError):
+            pass
+    train = {k: v for k, v in train.items() if k not in UNPOOLED}
+    row["settings"] = json.dumps([res.get("method"), saved.get("rank"), saved.get("options"),
+                                  train, res.get("attack_space")], sort_keys=True) \
+        if saved and seed is not None else str(run)
+    for k in ("acc_e", "acc_r", "acc_l", "h", "two_object_locality"):
         row[k] = res.get(k)
     for suffix in ("", "_3x"):
         row[f"attack{suffix}"] = res.get(f"attack_success_soft{suffix}")
@@ -46,6 +62,49 @@ def row_of(run: Path, res: dict) -> dict:
 
 
 ERASES = 0.5  # a run with Acc_E above this does not erase: it is listed, never on the front
+# training settings that do not make two runs different settings: pooled over
+UNPOOLED = ("seed", "checkpoint_every", "mask_image_every")
+
+
+def pooled(rows: list[dict]) -> list[dict]:
+    """Runs of one concept that differ only in their training seed, pooled: attacked
+    images summed (Wilson 95% interval), the other metrics averaged (Acc_L also its
+    lowest)."""
+    from statistics import fmean
+
+    from receler.eval.metrics import wilson
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["concept"], r["settings"]), []).append(r)
+    out = []
+    for (concept, _), runs in groups.items():
+        def mean(key, runs=runs):
+            vals = [r[key] for r in runs if r[key] is not None]
+            return fmean(vals) if vals else None
+
+        row = {"method": runs[0]["method"].split(" s")[0] if runs[0]["seed"] is not None
+               else runs[0]["method"], "concept": concept,
+               "seeds": sorted(r["seed"] for r in runs if r["seed"] is not None),
+               "runs": [r["run"] for r in runs],
+               **{k: mean(k) for k in ("acc_e", "acc_r", "acc_l", "h", "two_object_locality")},
+               "acc_l_min": min((r["acc_l"] for r in runs if r["acc_l"] is not None),
+                                default=None)}
+        for s in ("", "_3x"):
+            if any(r[f"attack{s}"] is None or r[f"attack{s}_n"] is None for r in runs):
+                row[f"attack{s}"] = row[f"attack{s}_n"] = row[f"attack{s}_ci"] = None
+                continue
+            hits = sum(round(r[f"attack{s}"] * r[f"attack{s}_n"]) for r in runs)
+            n = sum(r[f"attack{s}_n"] for r in runs)
+            w = wilson(hits, n)
+            row.update({f"attack{s}": w.rate, f"attack{s}_n": n,
+                        f"attack{s}_ci": [w.low, w.high]})
+        out.append(row)
+    names = [(p["concept"], p["method"]) for p in out]
+    for p in out:  # two settings of one method: named by the folder of their first run
+        if names.count((p["concept"], p["method"])) > 1:
+            p["method"] = f"{p['method']} ({Path(p['runs'][0]).name})"
+    return out
 
 
 def mark_front(rows: list[dict], attack: str = "attack") -> None:
@@ -91,6 +150,21 @@ def to_markdown(rows: list[dict]) -> str:
                          f"{num(r['acc_l'])} | {num(r['h'])} | {rate(r, '')} | {rate(r, '_3x')}"
                          f" | {'yes' if r['on_front'] else ''} | "
                          f"{'yes' if r['on_front_3x'] else ''} |")
+        lines.append("")
+    pool = pooled(rows)
+    if any(len(p["runs"]) > 1 for p in pool):
+        lines += ["## Pooled over training seeds", "",
+                  "Runs that differ only in their training seed: attacked images summed, the "
+                  "other metrics averaged (Acc_L: mean, lowest).", "",
+                  "| concept | run | seeds | Acc_E | Acc_R | Acc_L (lowest) | H | two-object | "
+                  "attack | attack 3× |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for p in sorted(pool, key=lambda p: (p["concept"], p["attack"] is None,
+                                             p["attack"] or 0)):
+            seeds = ", ".join(map(str, p["seeds"])) or "–"
+            lines.append(f"| {p['concept']} | {p['method']} | {seeds} | {num(p['acc_e'])} | "
+                         f"{num(p['acc_r'])} | {num(p['acc_l'])} ({num(p['acc_l_min'])}) | "
+                         f"{num(p['h'])} | {num(p['two_object_locality'])} | {rate(p, '')} | "
+                         f"{rate(p, '_3x')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -148,9 +222,11 @@ def write(rows: list[dict], out: Path) -> list[Path]:
     from receler.serialization import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "pareto.json", out / "pareto.md"]
+    paths = [out / "pareto.json", out / "pareto.md", out / "pooled.json"]
     text = json.dumps(rows, indent=2) + "\n"
     atomic_write(paths[0], lambda tmp: tmp.write_text(text))
+    pool = json.dumps(pooled(rows), indent=2) + "\n"
+    atomic_write(paths[2], lambda tmp: tmp.write_text(pool))
     md = to_markdown(rows) + "\n"
     atomic_write(paths[1], lambda tmp: tmp.write_text(md))
     for concept in dict.fromkeys(r["concept"] for r in rows):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import load_benchmark
 from PIL import Image
 
 
-def fake_run(folder, concept, acc_l, attack, attack_3x, seed=0, method="receler"):
+def fake_run(folder, concept, acc_l, attack, attack_3x, seed=0, method="receler", **train):
     """A results.json with the keys the front reads (what a protocol run writes)."""
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({
@@ -17,7 +18,8 @@ def fake_run(folder, concept, acc_l, attack, attack_3x, seed=0, method="receler"
         "attack_success_soft": attack, "attack_n": 50, "attack_ci": [0.0, 0.1],
         "attack_success_soft_3x": attack_3x, "attack_n_3x": 50, "attack_ci_3x": [0.0, 0.2]}))
     (folder / "erasers").mkdir()
-    (folder / "erasers" / "eraser_config.json").write_text(json.dumps({"train": {"seed": seed}}))
+    (folder / "erasers" / "eraser_config.json").write_text(
+        json.dumps({"train": {"seed": seed, **train}}))
     return folder
 
 
@@ -33,6 +35,7 @@ def test_front_keeps_the_undominated_runs_of_each_concept(tmp_path, capsys):
     res = json.loads((nothing / "results.json").read_text())
     (nothing / "results.json").write_text(json.dumps(dict(res, acc_e=1.0)))  # erases nothing
     runs.append(nothing)
+    runs.append(fake_run(tmp_path / "star" / "v", "star", 0.90, 0.90, 1.0, seed=1, eta=3.0))
     (tmp_path / "star" / "base").mkdir()  # no results.json: skipped, named
     out = tmp_path / "out"
     assert pareto.main([*map(str, runs), str(tmp_path / "star" / "base"), "--out", str(out)]) == 0
@@ -42,7 +45,8 @@ def test_front_keeps_the_undominated_runs_of_each_concept(tmp_path, capsys):
     # where folder names repeat)
     assert {(r["concept"], r["method"]) for r in got} == {
         ("star", "receler s0 (a)"), ("star", "receler s2"), ("star", "receler s0 (c)"),
-        ("star", "receler s0 (d)"), ("heart", "receler s0 (a)"), ("heart", "esd-x s0"),
+        ("star", "receler s0 (d)"), ("star", "receler s1"), ("heart", "receler s0 (a)"),
+        ("heart", "esd-x s0"),
         ("heart", "receler s0 (m1/merged)"), ("heart", "receler s0 (m2/merged)")}
     rows = {(r["concept"], Path(r["run"]).name if "merged" not in r["run"] else
              Path(r["run"]).parent.name): r for r in got}
@@ -54,7 +58,18 @@ def test_front_keeps_the_undominated_runs_of_each_concept(tmp_path, capsys):
     assert not rows["heart", "e"]["on_front"]  # dominated by heart a
     assert rows["heart", "m1"]["on_front"] and not rows["heart", "m2"]["on_front"]
     assert rows["star", "a"]["attack_n"] == 50 and rows["star", "a"]["attack_ci"] == [0.0, 0.1]
+    # runs that differ only in the seed pool: attacked images summed, Wilson interval
+    pool = {(p["concept"], p["method"]): p for p in json.loads((out / "pooled.json").read_text())}
+    assert set(pool) == {("star", "receler (a)"), ("star", "receler (v)"), ("heart", "receler"),
+                         ("heart", "esd-x")}
+    star = pool["star", "receler (a)"]
+    assert star["seeds"] == [0, 0, 0, 2] and star["attack_n"] == 200
+    assert star["attack"] == pytest.approx((15 + 0 + 5 + 50) / 200)
+    assert star["attack_ci"][0] < star["attack"] < star["attack_ci"][1]
+    assert star["acc_l_min"] == 0.95 and star["acc_l"] == pytest.approx(0.975)
+    assert len(pool["heart", "receler"]["runs"]) == 3 and pool["star", "receler (v)"]["seeds"] == [1]
     md = (out / "pareto.md").read_text()
+    assert "## Pooled over training seeds" in md
     assert "## star" in md and "## heart" in md and "0.00 [0.00, 0.10] (n 50)" in md
     assert Image.open(out / "pareto_star.png").size == (760, 460)
 
