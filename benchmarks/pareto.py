@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -83,8 +84,10 @@ def pooled(rows: list[dict]) -> list[dict]:
             vals = [r[key] for r in runs if r[key] is not None]
             return fmean(vals) if vals else None
 
-        row = {"method": runs[0]["method"].split(" s")[0] if runs[0]["seed"] is not None
-               else runs[0]["method"], "concept": concept,
+        # the first run's label without its seed (label() named the folder where needed)
+        name = re.sub(r" s\d+(?= \(|$)", "", runs[0]["method"]) if runs[0]["seed"] is not None \
+            else runs[0]["method"]
+        row = {"method": name, "concept": concept,
                "seeds": sorted(r["seed"] for r in runs if r["seed"] is not None),
                "runs": [r["run"] for r in runs],
                **{k: mean(k) for k in ("acc_e", "acc_r", "acc_l", "h", "two_object_locality")},
@@ -100,11 +103,30 @@ def pooled(rows: list[dict]) -> list[dict]:
             row.update({f"attack{s}": w.rate, f"attack{s}_n": n,
                         f"attack{s}_ci": [w.low, w.high]})
         out.append(row)
-    names = [(p["concept"], p["method"]) for p in out]
-    for p in out:  # two settings of one method: named by the folder of their first run
-        if names.count((p["concept"], p["method"])) > 1:
-            p["method"] = f"{p['method']} ({Path(p['runs'][0]).name})"
     return out
+
+
+def label(rows: list[dict]) -> None:
+    """Where one method has runs of several settings within a concept, or one label
+    repeats, each of those runs is named by its folder as well (relative to the folders'
+    common parent), so that settings are not mistaken for seeds."""
+    import os
+
+    root = Path(os.path.commonpath([os.path.abspath(r["run"]) for r in rows])) \
+        if len(rows) > 1 else None
+
+    def where(r):
+        run = Path(os.path.abspath(r["run"]))
+        return str(run.relative_to(root)) if root and run != root else run.name
+
+    base = [(r["concept"], r["method"].split(" s")[0] if r["seed"] is not None
+             else r["method"]) for r in rows]
+    settings = {key: {r["settings"] for r, k in zip(rows, base, strict=True) if k == key}
+                for key in set(base)}
+    names = [(r["concept"], r["method"]) for r in rows]
+    for r, key, name in zip(rows, base, names, strict=True):
+        if len(settings[key]) > 1 or names.count(name) > 1:
+            r["method"] = f"{r['method']} ({where(r)})"
 
 
 def mark_front(rows: list[dict], attack: str = "attack") -> None:
@@ -257,16 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: none of the folders holds a finished run (results.json): pass "
               "`receler protocol --out` folders", file=sys.stderr)
         return 2
-    # a label that repeats within a concept (two settings of one method, a merged export)
-    # gets the run's folder, and its parent's where folder names repeat too (runs/merge/*/merged)
-    names = [(r["concept"], r["method"]) for r in rows]
-    folders = [(r["concept"], Path(r["run"]).name) for r in rows]
-    for r in rows:
-        if names.count((r["concept"], r["method"])) > 1:
-            run = Path(r["run"])
-            where = run.name if folders.count((r["concept"], run.name)) == 1 else \
-                f"{run.parent.name}/{run.name}"
-            r["method"] = f"{r['method']} ({where})"
+    label(rows)
     mark_front(rows)
     mark_front(rows, "attack_3x")
     for p in write(rows, args.out):

@@ -41,12 +41,13 @@ def test_front_keeps_the_undominated_runs_of_each_concept(tmp_path, capsys):
     assert pareto.main([*map(str, runs), str(tmp_path / "star" / "base"), "--out", str(out)]) == 0
     assert "skipped" in capsys.readouterr().err
     got = json.loads((out / "pareto.json").read_text())
-    # labelled by method and seed; a label that repeats gets the folder (its parent's too
-    # where folder names repeat)
+    # labelled by method and seed; where a label repeats or a method has runs of several
+    # settings, by the folder as well
     assert {(r["concept"], r["method"]) for r in got} == {
-        ("star", "receler s0 (a)"), ("star", "receler s2"), ("star", "receler s0 (c)"),
-        ("star", "receler s0 (d)"), ("star", "receler s1"), ("heart", "receler s0 (a)"),
-        ("heart", "esd-x s0"),
+        ("star", "receler s0 (star/a)"), ("star", "receler s2 (star/b)"),
+        ("star", "receler s0 (star/c)"), ("star", "receler s0 (star/d)"),
+        ("star", "receler s1 (star/v)"),  # another setting: every star run is named
+        ("heart", "receler s0 (heart/a)"), ("heart", "esd-x s0"),
         ("heart", "receler s0 (m1/merged)"), ("heart", "receler s0 (m2/merged)")}
     rows = {(r["concept"], Path(r["run"]).name if "merged" not in r["run"] else
              Path(r["run"]).parent.name): r for r in got}
@@ -60,14 +61,15 @@ def test_front_keeps_the_undominated_runs_of_each_concept(tmp_path, capsys):
     assert rows["star", "a"]["attack_n"] == 50 and rows["star", "a"]["attack_ci"] == [0.0, 0.1]
     # runs that differ only in the seed pool: attacked images summed, Wilson interval
     pool = {(p["concept"], p["method"]): p for p in json.loads((out / "pooled.json").read_text())}
-    assert set(pool) == {("star", "receler (a)"), ("star", "receler (v)"), ("heart", "receler"),
-                         ("heart", "esd-x")}
-    star = pool["star", "receler (a)"]
+    assert set(pool) == {("star", "receler (star/a)"), ("star", "receler (star/v)"),
+                         ("heart", "receler (heart/a)"), ("heart", "esd-x")}
+    star = pool["star", "receler (star/a)"]
     assert star["seeds"] == [0, 0, 0, 2] and star["attack_n"] == 200
     assert star["attack"] == pytest.approx((15 + 0 + 5 + 50) / 200)
     assert star["attack_ci"][0] < star["attack"] < star["attack_ci"][1]
     assert star["acc_l_min"] == 0.95 and star["acc_l"] == pytest.approx(0.975)
-    assert len(pool["heart", "receler"]["runs"]) == 3 and pool["star", "receler (v)"]["seeds"] == [1]
+    assert len(pool["heart", "receler (heart/a)"]["runs"]) == 3
+    assert pool["star", "receler (star/v)"]["seeds"] == [1]
     md = (out / "pareto.md").read_text()
     assert "## Pooled over training seeds" in md
     assert "## star" in md and "## heart" in md and "0.00 [0.00, 0.10] (n 50)" in md
