@@ -261,9 +261,11 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_picture(rows: list[dict], size: tuple[int, int] = (900, 340)) -> Image.Image:
-    """Three panels against k, one line per method (seeds averaged): attack success (with
-    the pooled interval), Acc_L on the remaining classes, training seconds."""
+def to_picture(rows: list[dict], size: tuple[int, int] = (1180, 340)) -> Image.Image:
+    """Four panels against k, one line per method (seeds averaged): attack success (with
+    the pooled interval), Acc_L on the remaining classes, UNet passes (the cost that does
+    not depend on what else shares the CPU; 0 for closed-form edits) and training
+    seconds."""
     w, h = size
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
@@ -271,8 +273,9 @@ def to_picture(rows: list[dict], size: tuple[int, int] = (900, 340)) -> Image.Im
     ks = sorted({r["k"] for r in rows})
     panels = [("soft attack success", "attack_success_soft", (0.0, 1.0)),
               ("Acc_L, classes not erased", "acc_l_remaining", (0.0, 1.0)),
+              ("UNet passes", "unet_passes", None),
               ("training seconds", "train_seconds", None)]
-    pw = (w - 40) // 3
+    pw = (w - 40) // len(panels)
     for p, (title, key, span) in enumerate(panels):
         x0, y0, x1, y1 = 40 + p * pw, 40, 40 + p * pw + pw - 40, h - 60
         vals = [r[key] for r in rows if r[key] is not None]
