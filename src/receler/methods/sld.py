@@ -168,40 +168,25 @@ class SafetyGuidance:
                 or self.momentum.shape[0] != h:
             self.reset()  # a new generation
         self.last_t = t_val
-        args, kwargs = list(args), dict(kwargs)
 
         def extend(x, extra=None):  # [x_u; x_c] -> [x_u; x_c; extra or x_u]
             if not torch.is_tensor(x) or x.ndim == 0 or x.shape[0] != 2 * h:
                 return x
             return torch.cat([x, x[:h] if extra is None else extra.to(x.device, x.dtype)])
 
-        hidden = self.safety.hidden.expand(h, -1, -1)
-        if args:
-            args[0] = extend(sample)
-        else:
-            kwargs["sample"] = extend(sample)
-        if len(args) > 1:
-            args[1] = extend(args[1])
-        if len(args) > 2:
-            args[2] = extend(args[2], hidden)
-        else:
-            kwargs["encoder_hidden_states"] = extend(kwargs["encoder_hidden_states"], hidden)
-        for key, value in list(kwargs.items()):
-            if key in ("sample", "encoder_hidden_states"):
-                continue
-            if key == "added_cond_kwargs" and value is not None:  # SDXL: pooled safety text
-                added = self.safety.added or {}
-                kwargs[key] = {k: extend(v, added[k].expand(h, *added[k].shape[1:])
-                                         if k == "text_embeds" and k in added else None)
-                               for k, v in value.items()}
-            else:
-                kwargs[key] = extend(value)
+        def added(value):  # SDXL: the pooled safety text
+            tail = self.safety.added or {}
+            return {k: extend(v, tail[k].expand(h, *tail[k].shape[1:])
+                              if k == "text_embeds" and k in tail else None)
+                    for k, v in value.items()}
+
+        args, kwargs = _grow_call(args, kwargs, extend, self.safety.hidden.expand(h, -1, -1),
+                                  added)
         self._half = h
-        return tuple(args), kwargs
+        return args, kwargs
 
     def _attack_pre_hook(self, args, kwargs):
         """An attacked call ``(B, …)`` becomes ``[x; x; x]`` under ``[cond; ∅; S]``."""
-        args, kwargs = list(args), dict(kwargs)
         sample = args[0] if args else kwargs["sample"]
         b = sample.shape[0]
         t = args[1] if len(args) > 1 else kwargs["timestep"]
@@ -215,24 +200,11 @@ class SafetyGuidance:
                 return x
             return torch.cat([x, x, x] if tail is None else [x, tail.to(x.device, x.dtype)])
 
-        if args:
-            args[0] = triple(sample)
-        else:
-            kwargs["sample"] = triple(sample)
-        if len(args) > 1:
-            args[1] = triple(args[1])
-        if len(args) > 2:
-            args[2] = triple(args[2], extra)
-        else:
-            kwargs["encoder_hidden_states"] = triple(kwargs["encoder_hidden_states"], extra)
-        for key, value in list(kwargs.items()):
-            if key in ("sample", "encoder_hidden_states"):
-                continue
-            if key == "added_cond_kwargs" and value is not None:
-                raise ValueError("the attack through SLD's guidance supports SD-style UNets "
-                                 "only (this one takes added conditions, SDXL-style)")
-            kwargs[key] = triple(value)
-        return tuple(args), kwargs
+        def added(value):
+            raise ValueError("the attack through SLD's guidance supports SD-style UNets "
+                             "only (this one takes added conditions, SDXL-style)")
+
+        return _grow_call(args, kwargs, triple, extra, added)
 
     def gamma(self, e_u, e_c, e_s, momentum=None):
         """SLD's safety term (eqs. 4, 6, 7) of one step."""
@@ -279,6 +251,28 @@ class SafetyGuidance:
         if isinstance(output, tuple):
             return (new, *output[1:])
         return type(output)(sample=new)
+
+
+def _grow_call(args, kwargs, grow, text, added):
+    """A UNet call's arguments, each batched tensor grown by ``grow(x)`` and the text
+    conditioning by ``grow(x, text)``; ``added_cond_kwargs`` (SDXL) by ``added``."""
+    args, kwargs = list(args), dict(kwargs)
+    if args:
+        args[0] = grow(args[0])
+    else:
+        kwargs["sample"] = grow(kwargs["sample"])
+    if len(args) > 1:
+        args[1] = grow(args[1])
+    if len(args) > 2:
+        args[2] = grow(args[2], text)
+    else:
+        kwargs["encoder_hidden_states"] = grow(kwargs["encoder_hidden_states"], text)
+    for key, value in list(kwargs.items()):
+        if key in ("sample", "encoder_hidden_states"):
+            continue
+        kwargs[key] = added(value) if key == "added_cond_kwargs" and value is not None \
+            else grow(value)
+    return tuple(args), kwargs
 
 
 def safety_text(concepts: list[str], options: SldOptions) -> str:
