@@ -137,8 +137,11 @@ def test_the_default_space_keeps_the_cache_keys_of_earlier_runs(pipe, colour_det
         soft_attack_suite(pipe, "car", plan, z, det, settings,
                           AttackConfig(tokens=K, target_images=2, noise_draws=2, space=space),
                           checkpoints=[0], n_images=1, key=key, cache_dir=tmp_path / space)
-    assert [p.name for p in (tmp_path / "output").iterdir()] == ["attack_96230be734f2cb9e.json"]
-    assert [p.name for p in (tmp_path / "input").iterdir()] != ["attack_96230be734f2cb9e.json"]
+    # (beside each file, the attack's images as a strip: attack_<key>_<steps>.png)
+    assert [p.name for p in (tmp_path / "output").glob("*.json")] == \
+        ["attack_96230be734f2cb9e.json"]
+    assert [p.name for p in (tmp_path / "input").glob("*.json")] != \
+        ["attack_96230be734f2cb9e.json"]
 
 
 def test_a_bad_space_is_a_one_line_error(capsys):
