@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -37,9 +36,9 @@ def row_of(run: Path, res: dict) -> dict:
     conf = run / "erasers" / "eraser_config.json"  # the training seed, where one trained
     saved = json.loads(conf.read_text()) if conf.is_file() else {}
     seed = (saved.get("train") or {}).get("seed")
-    label = res.get("method") or run.name
-    label += f" s{seed}" if seed is not None else ""
-    row = {"method": label, "concept": res["concept"], "run": str(run), "seed": seed}
+    name = res.get("method") or run.name  # the label without seed or folder
+    row = {"method": name + (f" s{seed}" if seed is not None else ""), "name": name,
+           "concept": res["concept"], "run": str(run), "seed": seed}
     # runs that differ only in the training seed pool (pooled()); others never do
     train = saved.get("train") or {}
     if res.get("method", "").startswith("receler") and train:
@@ -84,9 +83,8 @@ def pooled(rows: list[dict]) -> list[dict]:
             vals = [r[key] for r in runs if r[key] is not None]
             return fmean(vals) if vals else None
 
-        # the first run's label without its seed (label() named the folder where needed)
-        name = re.sub(r" s\d+(?= \(|$)", "", runs[0]["method"]) if runs[0]["seed"] is not None \
-            else runs[0]["method"]
+        first = runs[0]  # its label without the seed (label() set the folder where needed)
+        name = first["name"] + (f" ({first['where']})" if "where" in first else "")
         row = {"method": name, "concept": concept,
                "seeds": sorted(r["seed"] for r in runs if r["seed"] is not None),
                "runs": [r["run"] for r in runs],
@@ -119,14 +117,14 @@ def label(rows: list[dict]) -> None:
         run = Path(os.path.abspath(r["run"]))
         return str(run.relative_to(root)) if root and run != root else run.name
 
-    base = [(r["concept"], r["method"].split(" s")[0] if r["seed"] is not None
-             else r["method"]) for r in rows]
+    base = [(r["concept"], r["name"]) for r in rows]
     settings = {key: {r["settings"] for r, k in zip(rows, base, strict=True) if k == key}
                 for key in set(base)}
     names = [(r["concept"], r["method"]) for r in rows]
     for r, key, name in zip(rows, base, names, strict=True):
         if len(settings[key]) > 1 or names.count(name) > 1:
-            r["method"] = f"{r['method']} ({where(r)})"
+            r["where"] = where(r)
+            r["method"] = f"{r['method']} ({r['where']})"
 
 
 def mark_front(rows: list[dict], attack: str = "attack") -> None:
