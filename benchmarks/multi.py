@@ -204,6 +204,13 @@ def remaining_locality(res: dict) -> dict:
             "worst_ratio": min(ratio.values()) if ratio else None}
 
 
+def unet_passes(res: dict) -> int | None:
+    """UNet forward and backward passes of the training a protocol run measured (None for
+    a model made elsewhere)."""
+    train = res.get("train") or {}
+    return train["unet_forward"] + train["unet_backward"] if "unet_forward" in train else None
+
+
 def row(method: str, k: int, seed: int, concepts: list[str], results: list[dict]) -> dict:
     from statistics import fmean
 
@@ -224,8 +231,7 @@ def row(method: str, k: int, seed: int, concepts: list[str], results: list[dict]
         "two_object_locality": fmean(r["two_object_locality"] for r in results
                                      if r["two_object_locality"] is not None)
         if any(r["two_object_locality"] is not None for r in results) else None,
-        "unet_passes": (train["unet_forward"] + train["unet_backward"])
-        if "unet_forward" in train else None,
+        "unet_passes": unet_passes(results[0]),
         "train_seconds": train.get("seconds"),
         "per_concept": {c: {key: r[key] for key in ("acc_e", "acc_r", "attack_success_soft",
                                                      "attack_ci", "attack_success_soft_3x")}

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from multi import fmt, remaining_locality, run  # noqa: E402 - a sibling script
+from multi import fmt, remaining_locality, run, unet_passes  # noqa: E402 - a sibling script
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,14 +96,7 @@ def measure(args, erasers: Path, concept: str, out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def passes(erasers: Path) -> int | None:
-    stats = json.loads((erasers / "eraser_config.json").read_text()).get("stats") or {}
-    if "unet_forward" not in stats:
-        return None
-    return stats["unet_forward"] + stats["unet_backward"]
-
-
-def row(erased: str, concept: str, res: dict, run_dir: Path, unet_passes: int | None) -> dict:
+def row(erased: str, concept: str, res: dict, run_dir: Path) -> dict:
     local = remaining_locality(res)
     return {"erased": erased, "concept": concept, "run": str(run_dir),
             "acc_e": res["acc_e"], "acc_r": res["acc_r"],
@@ -111,7 +104,7 @@ def row(erased: str, concept: str, res: dict, run_dir: Path, unet_passes: int | 
             "attack_ci": res["attack_ci"], "attack_success_soft_3x": res["attack_success_soft_3x"],
             "attack_ci_3x": res["attack_ci_3x"], "acc_l_remaining": local["acc_l"],
             "acc_l_remaining_n": local["n"], "worst_remaining_class": local["worst_class"],
-            "worst_remaining_ratio": local["worst_ratio"], "unet_passes": unet_passes}
+            "worst_remaining_ratio": local["worst_ratio"], "unet_passes": unet_passes(res)}
 
 
 def to_markdown(s: dict) -> str:
@@ -148,17 +141,13 @@ def main(argv=None) -> int:
                  else measure(args, first_erasers, first, first_run))
     seq = args.work / f"{first}_then_{then}_s{args.seed}"
     seq_erasers = erase(args, [first, then], seq / "erasers", init=first_erasers)
-    rows = [row(first, first, res_first, first_run, passes(first_erasers))]
+    rows = [row(first, first, res_first, first_run)]
     if args.then_run is not None:
         res_then = json.loads((args.then_run / "results.json").read_text())
-        rows.append(row(then, then, res_then, args.then_run,
-                        passes(args.then_run / "erasers")
-                        if (args.then_run / "erasers" / "eraser_config.json").is_file()
-                        else None))
+        rows.append(row(then, then, res_then, args.then_run))
     for concept in (first, then):
         res = measure(args, seq_erasers, concept, seq / concept)
-        rows.append(row(f"{first}, then {then}", concept, res, seq / concept,
-                        passes(seq_erasers)))
+        rows.append(row(f"{first}, then {then}", concept, res, seq / concept))
     s = {"first": first, "then": then, "seed": args.seed,
          "date": datetime.date.today().isoformat(),
          "command": " ".join(["python", "benchmarks/sequential.py", *sys.argv[1:]]),
