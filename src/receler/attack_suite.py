@@ -152,13 +152,6 @@ def _draw_attacks(attacks: list[dict], checkpoints: list[int], cache_dir: Path,
                 labels.append(f"#{i} {s} steps {step['successes']}/{step['total']}")
     if not strips:
         return
-    width = max(im.width for im in strips)
-    rows = [im if im.width == width else _pad(im, width) for im in strips]
+    # strips are alike: their image count is the suite's n_images, part of every cache key
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda tmp: image_grid(rows, cols=1, row_labels=labels).save(tmp, "PNG"))
-
-
-def _pad(im: Image.Image, width: int) -> Image.Image:
-    canvas = Image.new("RGB", (width, im.height), (235, 235, 235))
-    canvas.paste(im, (0, 0))
-    return canvas
+    atomic_write(out, lambda tmp: image_grid(strips, cols=1, row_labels=labels).save(tmp, "PNG"))
