@@ -12,8 +12,11 @@ model is measured once per concept (cached in the protocol's base folder).
     python benchmarks/robustness.py RUN [RUN ...] --out benchmarks/results/robustness
 
 writes ``robustness.json`` (one row per run, tokens and steps, with ``successes``, ``n``,
-``rate`` and its Wilson 95% interval ``low``/``high``), ``robustness.md`` and
-``robustness_<concept>.png`` (success against steps, one line per method, intervals as bars).
+``rate`` and its Wilson 95% interval ``low``/``high``), ``robustness_pooled.json`` (runs
+that differ only in their training seed pooled: attacked images summed), ``robustness.md``
+and ``robustness_<concept>.png`` (pooled success against steps, one line per method,
+intervals as bars). Runs are labelled as ``benchmarks/pareto.py`` labels them: method and
+training seed, and the folder where a method has runs of several settings.
 """
 
 from __future__ import annotations
@@ -28,9 +31,15 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+import pareto  # noqa: E402 - a sibling script: one way of labelling and pooling runs
+
 STEPS = [0, 10, 30, 100, 300]
 TOKENS = [1, 4, 8, 16]
 TOKEN_STEPS = 100
+BASE = "base (no erasure)"
 COLOURS = [(200, 40, 40), (40, 110, 200), (30, 150, 60), (150, 60, 160), (230, 140, 20),
            (20, 160, 160), (120, 120, 120), (90, 50, 20), (220, 90, 170)]
 
@@ -81,12 +90,57 @@ def measure_run(run: Path, steps: list[int], tokens: list[int], token_steps: int
                                           n_images=cfg.attack_images, key=key, cache_dir=cache)
             for s in checkpoints:
                 rate = suite["pooled"][str(s)]
-                rows.append({"method": "base (no erasure)" if which == "base" else label,
+                rows.append({"method": BASE if which == "base" else label,
                              "concept": cfg.concept, "run": str(run), "tokens": t, "steps": s,
                              "attacks": len(plan), "successes": rate["successes"],
                              "n": rate["total"], "rate": rate["rate"], "low": rate["low"],
                              "high": rate["high"]})
     return rows
+
+
+def name_runs(rows: list[dict], results: dict[str, dict]) -> None:
+    """Label each run's rows as ``benchmarks/pareto.py`` labels the run (method and training
+    seed; the folder where a method has runs of several settings) and keep what pooling
+    needs: ``name``, ``seed`` and ``settings`` (runs differing only in the seed share it)."""
+    runs = list(dict.fromkeys(r["run"] for r in rows if r["method"] != BASE))
+    points = [pareto.row_of(Path(run), results[run]) for run in runs]
+    pareto.label(points)
+    by_run = {p["run"]: p for p in points}
+    for r in rows:
+        if r["method"] != BASE:
+            p = by_run[r["run"]]
+            r.update(method=p["method"], seed=p["seed"], settings=p["settings"],
+                     name=p["name"] + (f" ({p['where']})" if "where" in p else ""))
+
+
+def pooled(rows: list[dict]) -> list[dict]:
+    """Runs of one concept that differ only in their training seed, pooled per tokens and
+    steps: attacked images summed, Wilson 95% interval. A run alone stays as it is, named
+    without its seed; the base model's rows are kept."""
+    from receler.eval.metrics import wilson
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        who = r.get("settings") if r["method"] != BASE and "settings" in r else \
+            f"{r['method']}|{r['run']}"
+        groups.setdefault((r["concept"], who, r["tokens"], r["steps"]), []).append(r)
+    out = []
+    for (concept, _, tokens, steps), runs in groups.items():
+        first = runs[0]
+        if len(runs) == 1 and first["method"] == BASE:
+            out.append(dict(first))
+            continue
+        seeds = sorted(r["seed"] for r in runs if r.get("seed") is not None)
+        hits, n = sum(r["successes"] for r in runs), sum(r["n"] for r in runs)
+        w = wilson(hits, n)
+        name = first.get("name", first["method"])
+        if len(seeds) > 1:
+            name += " (seeds " + ", ".join(map(str, seeds)) + ")"
+        out.append({"method": name, "concept": concept, "runs": [r["run"] for r in runs],
+                    "seeds": seeds, "tokens": tokens, "steps": steps,
+                    "attacks": sum(r["attacks"] for r in runs), "successes": hits, "n": n,
+                    "rate": w.rate, "low": w.low, "high": w.high})
+    return out
 
 
 def to_markdown(rows: list[dict], default_tokens: int, token_steps: int = TOKEN_STEPS) -> str:
@@ -95,35 +149,43 @@ def to_markdown(rows: list[dict], default_tokens: int, token_steps: int = TOKEN_
 
     def table(title: str, key: str, values: list[int], sel: list[dict]) -> list[str]:
         """One row per method, one column per value of ``key`` (steps or tokens)."""
-        out = [f"## {title}", "", "| method | " + " | ".join(f"{v} {key}" for v in values)
-               + " |", "|---|" + "---|" * len(values)]
+        out = [f"## {title}", "", "| method | n per cell | "
+               + " | ".join(f"{v} {key}" for v in values) + " |",
+               "|---|---|" + "---|" * len(values)]
         for m in dict.fromkeys(r["method"] for r in sel):
             by = {r[key]: r for r in sel if r["method"] == m}
-            out.append(f"| {m} | " + " | ".join(cell(by[v]) if v in by else "–" for v in values)
-                       + " |")
+            ns = sorted({r["n"] for r in by.values()})
+            out.append(f"| {m} | {', '.join(map(str, ns))} | "
+                       + " | ".join(cell(by[v]) if v in by else "–" for v in values) + " |")
         return out
 
+    pool = pooled(rows)
     lines = ["# Soft-prompt attack success against the attacker's strength", "",
-             "Pooled over independent attacks (own prompt and seed each); each cell is the "
-             "rate with its Wilson 95% interval, out of n attacked images.", ""]
+             "Pooled over independent attacks (own prompt and seed each) and, where a method "
+             "has runs that differ only in the training seed, over those runs; each cell is "
+             "the rate with its Wilson 95% interval, out of n attacked images.", ""]
     for concept in dict.fromkeys(r["concept"] for r in rows):
-        mine = [r for r in rows if r["concept"] == concept]
+        mine = [r for r in pool if r["concept"] == concept]
         steps = sorted({r["steps"] for r in mine if r["tokens"] == default_tokens})
         tokens = sorted({r["tokens"] for r in mine if r["steps"] == token_steps})
-        n = max(r["n"] for r in mine)
-        lines += table(f"{concept}: against steps ({default_tokens} tokens, n = {n} per cell)",
-                       "steps", steps, [r for r in mine if r["tokens"] == default_tokens])
+        lines += table(f"{concept}: against steps ({default_tokens} tokens)", "steps", steps,
+                       [r for r in mine if r["tokens"] == default_tokens])
         lines += [""] + table(f"{concept}: against tokens ({token_steps} steps)", "tokens",
                               tokens, [r for r in mine if r["steps"] == token_steps])
+        runs = [r for r in rows if r["concept"] == concept and r["tokens"] == default_tokens]
+        if any(len(r.get("runs", ())) > 1 for r in mine):  # some runs pooled: each one too
+            lines += [""] + table(f"{concept}: each run, against steps ({default_tokens} "
+                                  "tokens)", "steps", steps, runs)
         lines.append("")
     return "\n".join(lines)
 
 
 def to_picture(rows: list[dict], concept: str, default_tokens: int,
                size: tuple[int, int] = (720, 440)) -> Image.Image:
-    """Attack success (0-1) against steps on a log-like axis, one line per method, 95%
-    intervals as vertical bars."""
-    mine = [r for r in rows if r["concept"] == concept and r["tokens"] == default_tokens]
+    """Attack success (0-1) against steps on a log-like axis, one line per method (runs
+    pooled over training seeds), 95% intervals as vertical bars."""
+    mine = [r for r in pooled(rows) if r["concept"] == concept
+            and r["tokens"] == default_tokens]
     steps = sorted({r["steps"] for r in mine})
     methods = list(dict.fromkeys(r["method"] for r in mine))
     w, h = size
@@ -165,11 +227,12 @@ def write(rows: list[dict], out: Path, default_tokens: int, token_steps: int = T
     from receler.serialization import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "robustness.json", out / "robustness.md"]
-    text = json.dumps(rows, indent=2) + "\n"
-    atomic_write(paths[0], lambda tmp: tmp.write_text(text))
+    paths = [out / "robustness.json", out / "robustness_pooled.json", out / "robustness.md"]
+    for path, data in zip(paths[:2], (rows, pooled(rows)), strict=True):
+        text = json.dumps(data, indent=2) + "\n"
+        atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
     md = to_markdown(rows, default_tokens, token_steps) + "\n"
-    atomic_write(paths[1], lambda tmp: tmp.write_text(md))
+    atomic_write(paths[2], lambda tmp: tmp.write_text(md))
     for concept in dict.fromkeys(r["concept"] for r in rows):
         p = out / f"robustness_{concept}.png"
         atomic_write(p, lambda tmp, c=concept: to_picture(rows, c, default_tokens).save(tmp, "PNG"))
@@ -212,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         base_key = f"{res['concept']}|{res['config']['base_dir']}"
         rows += measure_run(run, steps, tokens, TOKEN_STEPS, include_base=base_key not in seen_base)
         seen_base.add(base_key)
+        name_runs(rows, {str(r): res for r, res in results.items()})
         write(rows, args.out, default_tokens)
     for p in write(rows, args.out, default_tokens):
         print(p)

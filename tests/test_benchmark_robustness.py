@@ -52,11 +52,36 @@ def test_curves_reuse_the_protocols_attacks_and_pool_every_attack(tiny_model_dir
 
     paths = robustness.write(rows, tmp_path / "curves", default_tokens=2, token_steps=1)
     names = {p.name for p in paths}
-    assert names == {"robustness.json", "robustness.md", "robustness_car.png"}
+    assert names == {"robustness.json", "robustness_pooled.json", "robustness.md",
+                     "robustness_car.png"}
     assert json.loads((tmp_path / "curves" / "robustness.json").read_text()) == rows
     md = (tmp_path / "curves" / "robustness.md").read_text()
     assert "| run |" in md and "3 steps" in md and "1 tokens" in md
     assert Image.open(tmp_path / "curves" / "robustness_car.png").size == (720, 440)
+
+
+def test_runs_that_differ_only_in_the_seed_pool_and_others_do_not():
+    robustness = load_benchmark("robustness")
+
+    def row(method, run, seed, settings, successes, n=50):
+        return {"method": method, "name": method.split(" s")[0], "concept": "star", "run": run,
+                "seed": seed, "settings": settings, "tokens": 8, "steps": 100, "attacks": 5,
+                "successes": successes, "n": n, "rate": successes / n, "low": 0.0, "high": 1.0}
+
+    base = {"method": "base (no erasure)", "concept": "star", "run": "a", "tokens": 8,
+            "steps": 100, "attacks": 5, "successes": 50, "n": 50, "rate": 1.0, "low": 0.9,
+            "high": 1.0}
+    rows = [base, row("receler s1", "a", 1, "R", 8), row("receler s2", "b", 2, "R", 9),
+            row("esd-x s1", "c", 1, "E", 20), row("mace", "d", None, "d", 49)]
+    pool = {r["method"]: r for r in robustness.pooled(rows)}
+    assert set(pool) == {"base (no erasure)", "receler (seeds 1, 2)", "esd-x", "mace"}
+    both = pool["receler (seeds 1, 2)"]
+    assert (both["successes"], both["n"], both["runs"]) == (17, 100, ["a", "b"])
+    assert both["low"] < 0.17 < both["high"] and both["rate"] == 0.17
+    assert pool["esd-x"]["n"] == 50 and pool["base (no erasure)"] == base
+    md = robustness.to_markdown(rows, default_tokens=8)
+    assert "| receler (seeds 1, 2) | 100 | 0.17" in md
+    assert "each run" in md and "| receler s2 | 50 | 0.18" in md
 
 
 def test_a_folder_without_results_is_a_one_line_error(tmp_path, capsys):
