@@ -52,6 +52,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+import pareto  # noqa: E402 - a sibling script: runs are labelled as on the front
+
 TRAIN_SCRIPT = ROOT / "scripts" / "toyworld" / "train_unet.py"
 CKPT = "unet_ckpt.safetensors"
 RECIPE_FILE = "oracle_recipe.json"
@@ -431,8 +435,10 @@ def table(oracle_res: dict, runs: list[Path], *, classes: list[str]) -> tuple[li
     others, mine = image_sets(rows, concept)
     detector = load_detector()
     models = [("oracle", Path(oracle_res["images"]), oracle_res)]
+    results = {run: read_results(run) for run in runs}
+    labels = run_labels(results)
     for run in runs:
-        res = read_results(run)
+        res = results[run]
         why = comparable(res, oracle_res)
         if why:
             raise ValueError(f"{run} cannot be compared with the oracle: it was measured with "
@@ -440,7 +446,7 @@ def table(oracle_res: dict, runs: list[Path], *, classes: list[str]) -> tuple[li
         if len(models) == 1:  # the shipped model, from the first run's base images
             models.append(("base", Path(res["base_images"]), {**res["base"], "config":
                                                               res["config"]}))
-        models.append((run.name, run / "images" / "erased", res))
+        models.append((labels[run], run / "images" / "erased", res))
     dets = {name: detect(folder, others, mine, detector) for name, folder, _ in models}
     out = []
     for name, _, res in models:
@@ -449,6 +455,64 @@ def table(oracle_res: dict, runs: list[Path], *, classes: list[str]) -> tuple[li
                                                  concept=concept, classes=classes)
         out.append(row)
     return out, [(name, folder) for name, folder, _ in models]
+
+
+def run_labels(results: dict[Path, dict]) -> dict[Path, str]:
+    """Each run's label as ``benchmarks/pareto.py`` gives it: method and training seed, and
+    the folder where a method has runs of several settings or a label repeats."""
+    points = [pareto.row_of(run, res) for run, res in results.items()]
+    pareto.label(points)
+    return {run: p["method"] for run, p in zip(results, points, strict=True)}
+
+
+def distance_plot(rows: list[dict], concept: str, size: tuple[int, int] = (760, 460)):
+    """Each model of ``concept`` as a point: across, its Fréchet distance to the oracle on
+    the other classes' images (0: they look as the oracle's do); up, its soft-attack success
+    with the Wilson 95% interval as a bar. The oracle's own success is the dashed line: the
+    floor, what an attack draws from a model that never learnt the concept."""
+    from PIL import Image, ImageDraw
+
+    mine = [r for r in rows if r["concept"] == concept
+            and r["oracle_distance"]["fd_others"] is not None]
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = 60, 30, w - 250, h - 50
+    d.rectangle((x0, y0, x1, y1), outline="black")
+    d.text((x0, 8), f"{concept}: distance to the retrain oracle", fill="black")
+    top = max([r["oracle_distance"]["fd_others"] for r in mine] + [1e-9]) * 1.1
+
+    def x(v):
+        return x0 + (x1 - x0) * v / top
+
+    def y(v):
+        return y1 - (y1 - y0) * v
+
+    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
+        d.line((x0, y(v), x1, y(v)), fill=(225, 225, 225))
+        d.text((x0 - 34, y(v) - 6), f"{v:.2f}", fill="black")
+    for i in range(5):
+        v = top * i / 4
+        d.text((x(v) - 10, y1 + 6), f"{v:.2g}", fill="black")
+    d.text((x0 + 40, y1 + 24), "Fréchet distance to the oracle, other classes' images",
+           fill="black")
+    d.text((4, y0 - 22), "soft-attack success", fill="black")
+    floor = next((r["attack_success_soft"] for r in mine if r["method"] == "oracle"), None)
+    if floor is not None:
+        for xx in range(x0, x1, 8):
+            d.line((xx, y(floor), xx + 4, y(floor)), fill=(0, 0, 0))
+    for i, r in enumerate(mine):
+        col = pareto.COLOURS[i % len(pareto.COLOURS)]
+        px = x(r["oracle_distance"]["fd_others"])
+        rate = r["attack_success_soft"]
+        if rate is not None:
+            if r.get("attack_ci"):
+                lo, hi = r["attack_ci"]
+                d.line((px, y(lo), px, y(hi)), fill=col, width=1)
+            d.ellipse((px - 4, y(rate) - 4, px + 4, y(rate) + 4), fill=col)
+        d.rectangle((x1 + 12, y0 + 18 * i + 3, x1 + 22, y0 + 18 * i + 13), fill=col)
+        d.text((x1 + 28, y0 + 18 * i), r["method"][:34], fill="black")
+    return img
 
 
 def picture(concept: str, folders: list[tuple[str, Path]], n: int = 3):
@@ -520,13 +584,17 @@ def write(rows: list[dict], folders: dict[str, list], out: Path) -> list[Path]:
           "variation between the classes the concept's prompts show and the oracle's; attack "
           "gap: soft-attack success minus the oracle's.\n\n" + to_markdown(rows) + "\n")
     for concept in sorted(concepts):
-        md += f"\n![{concept}: each model's images]({f'oracle_{concept}.png'})\n"
+        md += (f"\n![{concept}: attack success against the distance to the oracle]"
+               f"(oracle_distance_{concept}.png)\n"
+               f"\n![{concept}: each model's images](oracle_{concept}.png)\n")
     atomic_write(out / "oracle.md", lambda tmp: tmp.write_text(md))
     paths = [path, out / "oracle.md"]
     for concept, models in folders.items():
         png = out / f"oracle_{concept}.png"
         atomic_write(png, lambda tmp, c=concept, m=models: picture(c, m).save(tmp, "PNG"))
-        paths.append(png)
+        plot = out / f"oracle_distance_{concept}.png"
+        atomic_write(plot, lambda tmp, c=concept: distance_plot(rows, c).save(tmp, "PNG"))
+        paths += [png, plot]
     return paths
 
 

@@ -300,3 +300,48 @@ def test_comparable(oracle):
     assert oracle.comparable(older, base) is None
     assert oracle.comparable({**base, "attack_space": "input"}, base) == \
         "attack_space=input, not output"
+
+
+def test_runs_are_labelled_by_method_and_seed_and_repeated_labels_by_folder(oracle, tmp_path):
+    def run(path, method, seed=None):
+        folder = tmp_path / path
+        (folder / "erasers").mkdir(parents=True)
+        if seed is not None:
+            (folder / "erasers" / "eraser_config.json").write_text(
+                json.dumps({"train": {"seed": seed}}))
+        return folder, {"method": method, "concept": "heart"}
+
+    results = dict([run("w/seed1", "receler", 1), run("m/mace", "mace"),
+                    run("merge/a/merged", "receler"), run("merge/b/merged", "receler")])
+    labels = oracle.run_labels(results)
+    assert labels[tmp_path / "m/mace"] == "mace"
+    # receler runs of several settings (a trained seed, merged exports): named by folder too
+    assert labels[tmp_path / "w/seed1"] == "receler s1 (w/seed1)"
+    assert labels[tmp_path / "merge/a/merged"] == "receler (merge/a/merged)"
+    assert len(set(labels.values())) == 4
+    alone = dict([run("x/seed2", "receler", 2), run("x/esd", "esd-x", 2)])
+    assert oracle.run_labels(alone) == {tmp_path / "x/seed2": "receler s2",
+                                        tmp_path / "x/esd": "esd-x s2"}
+
+
+def test_distance_plot_puts_each_model_by_its_distance_and_attack_success(oracle):
+    def row(method, fd, attack, ci=None):
+        return {"method": method, "concept": "heart", "attack_success_soft": attack,
+                "attack_ci": ci, "oracle_distance": {"fd_others": fd}}
+
+    rows = [row("oracle", 0.0, 0.3, [0.2, 0.4]), row("near", 1.0, 0.35, [0.25, 0.45]),
+            row("far", 10.0, 0.9), row("star run", 3.0, 0.1), row("no images", None, 0.5)]
+    rows[3]["concept"] = "star"
+    img = oracle.distance_plot(rows, "heart").convert("RGB")
+    assert img.size == (760, 460)
+    px = np.asarray(img)
+    # the points: the oracle at the left edge, "far" near the right end, at their rates
+    x0, x1, y0, y1 = 60, 760 - 250, 30, 460 - 50
+    top = 10.0 * 1.1
+
+    def at(fd, rate):
+        return px[round(y1 - (y1 - y0) * rate), round(x0 + (x1 - x0) * fd / top)]
+
+    assert (at(0.0, 0.3) != 255).any() and (at(10.0, 0.9) != 255).any()
+    assert (at(1.0, 0.35) != 255).any()
+    assert (px[round(y1 - (y1 - y0) * 0.1), round(x0 + (x1 - x0) * 3.0 / top)] == 255).all()
