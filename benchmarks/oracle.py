@@ -447,11 +447,12 @@ def table(oracle_res: dict, runs: list[Path], *, classes: list[str]) -> tuple[li
             models.append(("base", Path(res["base_images"]), {**res["base"], "config":
                                                               res["config"]}))
         models.append((labels[run], run / "images" / "erased", res))
-    dets = {name: detect(folder, others, mine, detector) for name, folder, _ in models}
+    # one per model, in order (not by label: two folders of one name once shared an entry)
+    dets = [detect(folder, others, mine, detector) for _, folder, _ in models]
     out = []
-    for name, _, res in models:
+    for (name, _, res), det in zip(models, dets, strict=True):
         row = {"method": name, "concept": concept, **{k: res.get(k) for k in FLAT}}
-        row["oracle_distance"] = oracle_distance(dets[name], dets["oracle"], res, oracle_res,
+        row["oracle_distance"] = oracle_distance(det, dets[0], res, oracle_res,
                                                  concept=concept, classes=classes)
         out.append(row)
     return out, [(name, folder) for name, folder, _ in models]

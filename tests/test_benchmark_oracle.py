@@ -345,3 +345,33 @@ def test_distance_plot_puts_each_model_by_its_distance_and_attack_success(oracle
     assert (at(0.0, 0.3) != 255).any() and (at(10.0, 0.9) != 255).any()
     assert (at(1.0, 0.35) != 255).any()
     assert (px[round(y1 - (y1 - y0) * 0.1), round(x0 + (x1 - x0) * 3.0 / top)] == 255).all()
+
+
+def test_table_detects_each_folder_even_when_two_share_a_name(oracle, tmp_path, monkeypatch):
+    import receler.protocol
+    import receler.runs
+    import receler.toyworld
+
+    runs = [tmp_path / "a" / "merged", tmp_path / "b" / "merged"]
+    res = {"concept": "heart", "method": "receler", "base_images": str(tmp_path / "base"),
+           "base": {}, "config": {}}
+    monkeypatch.setattr(receler.runs, "read_results", lambda run: dict(res))
+    monkeypatch.setattr(receler.runs, "protocol_config", lambda r: None)
+    monkeypatch.setattr(receler.protocol, "select_rows", lambda cfg: {})
+    monkeypatch.setattr(receler.toyworld, "load_detector", lambda: None)
+    monkeypatch.setattr(oracle, "image_sets", lambda rows, concept: ([], []))
+    monkeypatch.setattr(oracle, "comparable", lambda a, b: None)
+    monkeypatch.setattr(oracle, "detect", lambda folder, *a: str(folder))
+    seen = []
+
+    def distance(det, oracle_det, *a, **k):
+        seen.append((det, oracle_det))
+        return {}
+
+    monkeypatch.setattr(oracle, "oracle_distance", distance)
+    rows, folders = oracle.table({"concept": "heart", "images": str(tmp_path / "o")}, runs,
+                                 classes=["heart"])
+    assert [d for d, _ in seen] == [str(tmp_path / "o"), str(tmp_path / "base"),
+                                    *(str(r / "images" / "erased") for r in runs)]
+    assert all(o == str(tmp_path / "o") for _, o in seen)
+    assert len({r["method"] for r in rows}) == 4
