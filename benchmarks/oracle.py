@@ -466,6 +466,10 @@ def run_labels(results: dict[Path, dict]) -> dict[Path, str]:
     return {run: p["method"] for run, p in zip(results, points, strict=True)}
 
 
+# pareto's colours and four more, so that a dozen models keep colours of their own
+PLOT_COLOURS = [*pareto.COLOURS, (170, 170, 0), (0, 90, 60), (255, 120, 90), (110, 70, 200)]
+
+
 def distance_plot(rows: list[dict], concept: str, size: tuple[int, int] = (760, 460)):
     """Each model of ``concept`` as a point: across, its Fréchet distance to the oracle on
     the other classes' images (0: they look as the oracle's do); up, its soft-attack success
@@ -480,7 +484,7 @@ def distance_plot(rows: list[dict], concept: str, size: tuple[int, int] = (760, 
     d = ImageDraw.Draw(img)
     x0, y0, x1, y1 = 60, 30, w - 250, h - 50
     d.rectangle((x0, y0, x1, y1), outline="black")
-    d.text((x0, 8), f"{concept}: distance to the retrain oracle", fill="black")
+    d.text((x0 + 150, 8), f"{concept}: each model against the retrain oracle", fill="black")
     top = max([r["oracle_distance"]["fd_others"] for r in mine] + [1e-9]) * 1.1
 
     def x(v):
@@ -495,15 +499,15 @@ def distance_plot(rows: list[dict], concept: str, size: tuple[int, int] = (760, 
     for i in range(5):
         v = top * i / 4
         d.text((x(v) - 10, y1 + 6), f"{v:.2g}", fill="black")
-    d.text((x0 + 40, y1 + 24), "Fréchet distance to the oracle, other classes' images",
+    d.text((x0 + 40, y1 + 24), "Frechet distance to the oracle on the other classes' images",
            fill="black")
-    d.text((4, y0 - 22), "soft-attack success", fill="black")
+    d.text((4, 8), "soft-attack success", fill="black")
     floor = next((r["attack_success_soft"] for r in mine if r["method"] == "oracle"), None)
     if floor is not None:
         for xx in range(x0, x1, 8):
             d.line((xx, y(floor), xx + 4, y(floor)), fill=(0, 0, 0))
     for i, r in enumerate(mine):
-        col = pareto.COLOURS[i % len(pareto.COLOURS)]
+        col = PLOT_COLOURS[i % len(PLOT_COLOURS)]
         px = x(r["oracle_distance"]["fd_others"])
         rate = r["attack_success_soft"]
         if rate is not None:
@@ -512,7 +516,10 @@ def distance_plot(rows: list[dict], concept: str, size: tuple[int, int] = (760, 
                 d.line((px, y(lo), px, y(hi)), fill=col, width=1)
             d.ellipse((px - 4, y(rate) - 4, px + 4, y(rate) + 4), fill=col)
         d.rectangle((x1 + 12, y0 + 18 * i + 3, x1 + 22, y0 + 18 * i + 13), fill=col)
-        d.text((x1 + 28, y0 + 18 * i), r["method"][:34], fill="black")
+        d.text((x1 + 28, y0 + 18 * i), r["method"][:36], fill="black")
+    if floor is not None:
+        d.text((x1 + 12, y0 + 18 * len(mine) + 8), "- - - the oracle's success (floor)",
+               fill="black")
     return img
 
 

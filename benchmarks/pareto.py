@@ -30,12 +30,24 @@ COLOURS = [(200, 40, 40), (40, 110, 200), (30, 150, 60), (150, 60, 160), (230, 1
            (20, 160, 160), (120, 120, 120), (90, 50, 20), (220, 90, 170), (0, 0, 0)]
 
 
+def seeded(method: str | None) -> bool:
+    """Whether the method's result depends on a training seed (UCE, MACE, RECE, SPEED and
+    SLD record one in their settings but do not read it; a model swapped in whole has
+    none known)."""
+    from receler.methods import get_method
+
+    try:
+        return "seed" in get_method(method).config_fields
+    except ValueError:  # not a method of the registry (a whole UNet swapped in)
+        return False
+
+
 def row_of(run: Path, res: dict) -> dict:
     """One point: the run's label (its method and training seed), its quality and both
     attack budgets."""
     conf = run / "erasers" / "eraser_config.json"  # the training seed, where one trained
     saved = json.loads(conf.read_text()) if conf.is_file() else {}
-    seed = (saved.get("train") or {}).get("seed")
+    seed = (saved.get("train") or {}).get("seed") if seeded(res.get("method")) else None
     name = res.get("method") or run.name  # the label without seed or folder
     row = {"method": name + (f" s{seed}" if seed is not None else ""), "name": name,
            "concept": res["concept"], "run": str(run), "seed": seed}

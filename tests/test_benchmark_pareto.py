@@ -36,6 +36,8 @@ def test_front_keeps_the_undominated_runs_of_each_concept(tmp_path, capsys):
     (nothing / "results.json").write_text(json.dumps(dict(res, acc_e=1.0)))  # erases nothing
     runs.append(nothing)
     runs.append(fake_run(tmp_path / "star" / "v", "star", 0.90, 0.90, 1.0, seed=1, eta=3.0))
+    # a closed-form edit records the default seed but does not read it: no seed in its label
+    runs.append(fake_run(tmp_path / "heart" / "u", "heart", 0.99, 1.0, 1.0, method="uce"))
     (tmp_path / "star" / "base").mkdir()  # no results.json: skipped, named
     out = tmp_path / "out"
     assert pareto.main([*map(str, runs), str(tmp_path / "star" / "base"), "--out", str(out)]) == 0
@@ -48,7 +50,8 @@ def test_front_keeps_the_undominated_runs_of_each_concept(tmp_path, capsys):
         ("star", "receler s0 (star/c)"), ("star", "receler s0 (star/d)"),
         ("star", "receler s1 (star/v)"),  # another setting: every star run is named
         ("heart", "receler s0 (heart/a)"), ("heart", "esd-x s0"),
-        ("heart", "receler s0 (m1/merged)"), ("heart", "receler s0 (m2/merged)")}
+        ("heart", "receler s0 (m1/merged)"), ("heart", "receler s0 (m2/merged)"),
+        ("heart", "uce")}
     rows = {(r["concept"], Path(r["run"]).name if "merged" not in r["run"] else
              Path(r["run"]).parent.name): r for r in got}
     # d keeps Acc_L 1.00 by not erasing: never on the front
@@ -62,7 +65,8 @@ def test_front_keeps_the_undominated_runs_of_each_concept(tmp_path, capsys):
     # runs that differ only in the seed pool: attacked images summed, Wilson interval
     pool = {(p["concept"], p["method"]): p for p in json.loads((out / "pooled.json").read_text())}
     assert set(pool) == {("star", "receler (star/a)"), ("star", "receler (star/v)"),
-                         ("heart", "receler (heart/a)"), ("heart", "esd-x")}
+                         ("heart", "receler (heart/a)"), ("heart", "esd-x"), ("heart", "uce")}
+    assert pool["heart", "uce"]["seeds"] == [] and rows["heart", "u"]["seed"] is None
     star = pool["star", "receler (star/a)"]
     assert star["seeds"] == [0, 0, 0, 2] and star["attack_n"] == 200
     assert star["attack"] == pytest.approx((15 + 0 + 5 + 50) / 200)
