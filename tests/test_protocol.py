@@ -42,6 +42,11 @@ def test_protocol_runs_every_stage_and_writes_results(tiny_model_dir, prompt_set
     hits = sum(a["steps"]["3"]["successes"] for a in attacks)
     assert saved["attack_success_soft"] == hits / 6
     assert results["rows"] == {"simple": 6, "paraphrase": 2, "two_object": 1}
+    # the other classes' images (dog, truck: 4) against the base model's, pixel by pixel;
+    # the colour detector has no features to compare
+    change = saved["image_change_others"]
+    assert change["n"] == 4 and change["feature"] is None
+    assert saved["pixel_change_others"] == change["pixel"] and 0.0 <= change["pixel"] <= 1.0
     assert len(list((tmp_path / "run" / "images" / "erased" / "simple").glob("*.png"))) == 6
     report = (tmp_path / "run" / "report" / "report.md").read_text()
     for picture in ("compare.png", "loss_curves.png", "masks.png", "attack/erased.png"):

@@ -241,6 +241,15 @@ class Protocol:
             out["two_object_detail"] = to_dict(two)
         return out
 
+    def image_change_others(self) -> dict | None:
+        """How the other classes' simple-prompt images changed against the base model's,
+        same prompts and seeds (:func:`receler.eval.locality.image_change`)."""
+        from .eval.locality import features_of, image_change, other_class_images
+
+        base, erased = self.folder("base") / "simple", self.folder("erased") / "simple"
+        names = other_class_images(self.rows["simple"], self.cfg.concept, erased)
+        return image_change(base, erased, names, features_of(self.detector))
+
     def concept_prompt(self) -> str:
         """A prompt that shows the concept: its first style or simple row."""
         if "style" in self.rows:
@@ -403,7 +412,12 @@ class Protocol:
         if not main:  # the main process merged the detections and writes the results
             state.wait_for_everyone()
             return json.loads((cfg.out / "results.json").read_text())
+        change = self.timed("evaluate", self.image_change_others)
         results = {"schema_version": SCHEMA_VERSION, **summarise(erased, erased_attack)}
+        # what Acc_L does not see: the other classes' images against the base model's
+        results["pixel_change_others"] = change and change["pixel"]
+        results["feature_change_others"] = change and change["feature"]
+        results["image_change_others"] = change
         results["base"] = summarise(base, base_attack)
         results["train"] = self.candidate.stats
         results.update(latency, base_images=str(self.folder("base")))
