@@ -30,6 +30,31 @@ COLOURS = [(200, 40, 40), (40, 110, 200), (30, 150, 60), (150, 60, 160), (230, 1
            (20, 160, 160), (120, 120, 120), (90, 50, 20), (220, 90, 170), (0, 0, 0)]
 
 
+def image_change(run: Path, res: dict, features: dict) -> dict | None:
+    """The other classes' image change of a run made before the protocol recorded it, from
+    its images and its base model's (receler.eval.locality); ``None`` without images.
+    ``features`` caches the toy detector's feature extractor across runs."""
+    from receler.eval.locality import features_of, image_change, other_class_images
+    from receler.eval.prompts import read_prompts
+    from receler.protocol import PromptSets
+
+    given = res["config"].get("prompts") if "config" in res else None
+    simple = Path(given["simple"]) if given else PromptSets.toy().simple
+    erased = run / "images" / "erased" / "simple"
+    if not res.get("base_images") or not erased.is_dir():
+        return None
+    base = Path(res["base_images"]) / "simple"
+    names = other_class_images(read_prompts(simple), res["concept"], erased)
+    if not names:
+        return None
+    detector = res.get("detector") or "toy"
+    if detector not in features:
+        from receler.eval.detectors import get_detector
+
+        features[detector] = features_of(get_detector(detector)) if detector == "toy" else None
+    return image_change(base, erased, names, features[detector])
+
+
 def seeded(method: str | None) -> bool:
     """Whether the method's result depends on a training seed (UCE, MACE, RECE, SPEED and
     SLD record one in their settings but do not read it; a model swapped in whole has
@@ -66,6 +91,9 @@ def row_of(run: Path, res: dict) -> dict:
         if saved and seed is not None else str(run)
     for k in ("acc_e", "acc_r", "acc_l", "h", "two_object_locality"):
         row[k] = res.get(k)
+    # the other classes' image change (runs before the protocol recorded it: image_change())
+    row["pixel_change"] = res.get("pixel_change_others")
+    row["feature_change"] = res.get("feature_change_others")
     for suffix in ("", "_3x"):
         row[f"attack{suffix}"] = res.get(f"attack_success_soft{suffix}")
         row[f"attack{suffix}_n"] = res.get(f"attack_n{suffix}")
@@ -100,7 +128,8 @@ def pooled(rows: list[dict]) -> list[dict]:
         row = {"method": name, "concept": concept,
                "seeds": sorted(r["seed"] for r in runs if r["seed"] is not None),
                "runs": [r["run"] for r in runs],
-               **{k: mean(k) for k in ("acc_e", "acc_r", "acc_l", "h", "two_object_locality")},
+               **{k: mean(k) for k in ("acc_e", "acc_r", "acc_l", "h", "two_object_locality",
+                                       "pixel_change", "feature_change")},
                "acc_l_min": min((r["acc_l"] for r in runs if r["acc_l"] is not None),
                                 default=None)}
         for s in ("", "_3x"):
@@ -162,24 +191,29 @@ def to_markdown(rows: list[dict]) -> str:
         return (f"{r[f'attack{s}']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] (n {r[f'attack{s}_n']})"
                 if ci else f"{r[f'attack{s}']:.2f}")
 
-    def num(v):
-        return "–" if v is None else f"{v:.2f}"
+    def num(v, digits=2):
+        return "–" if v is None else f"{v:.{digits}f}"
 
     lines = ["# Robustness against locality", "",
              "Soft-prompt attack success (pooled over independent attacks, Wilson 95% "
              "interval, n attacked images) against Acc_L. **front**: no other run of the "
              "concept has both higher-or-equal Acc_L and lower-or-equal attack success "
              "(at the evaluation's budget; `3×` at three times it). Runs with Acc_E above "
-             f"{ERASES} do not erase and are never on the front.", ""]
+             f"{ERASES} do not erase and are never on the front. **pixel Δ** / **feature Δ**: "
+             "how the other classes' images changed against the base model's, same prompts "
+             "and seeds (mean |Δ| of the RGB values, 0-1; mean cosine distance of the toy "
+             "detector's features), what Acc_L does not see.", ""]
     for concept in dict.fromkeys(r["concept"] for r in rows):
         lines += [f"## {concept}", "",
-                  "| run | Acc_E | Acc_R | Acc_L | H | attack | attack 3× | front | front 3× |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| run | Acc_E | Acc_R | Acc_L | pixel Δ | feature Δ | H | attack | attack 3× "
+                  "| front | front 3× |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         mine = sorted((r for r in rows if r["concept"] == concept),
                       key=lambda r: (r["attack"] is None, r["attack"] or 0, -(r["acc_l"] or 0)))
         for r in mine:
             lines.append(f"| {r['method']} | {num(r['acc_e'])} | {num(r['acc_r'])} | "
-                         f"{num(r['acc_l'])} | {num(r['h'])} | {rate(r, '')} | {rate(r, '_3x')}"
+                         f"{num(r['acc_l'])} | {num(r.get('pixel_change'), 3)} | "
+                         f"{num(r.get('feature_change'), 4)} | {num(r['h'])} | {rate(r, '')} | "
+                         f"{rate(r, '_3x')}"
                          f" | {'yes' if r['on_front'] else ''} | "
                          f"{'yes' if r['on_front_3x'] else ''} |")
         lines.append("")
@@ -188,13 +222,15 @@ def to_markdown(rows: list[dict]) -> str:
         lines += ["## Pooled over training seeds", "",
                   "Runs that differ only in their training seed: attacked images summed, the "
                   "other metrics averaged (Acc_L: mean, lowest).", "",
-                  "| concept | run | seeds | Acc_E | Acc_R | Acc_L (lowest) | H | two-object | "
-                  "attack | attack 3× |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| concept | run | seeds | Acc_E | Acc_R | Acc_L (lowest) | pixel Δ | feature Δ "
+                  "| H | two-object | attack | attack 3× |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in sorted(pool, key=lambda p: (p["concept"], p["attack"] is None,
                                              p["attack"] or 0)):
             seeds = ", ".join(map(str, p["seeds"])) or "–"
             lines.append(f"| {p['concept']} | {p['method']} | {seeds} | {num(p['acc_e'])} | "
                          f"{num(p['acc_r'])} | {num(p['acc_l'])} ({num(p['acc_l_min'])}) | "
+                         f"{num(p['pixel_change'], 3)} | {num(p['feature_change'], 4)} | "
                          f"{num(p['h'])} | {num(p['two_object_locality'])} | {rate(p, '')} | "
                          f"{rate(p, '_3x')} |")
         lines.append("")
@@ -275,13 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from receler.runs import read_results
 
-    rows = []
+    rows, features = [], {}
     for run in args.runs:
         if not (run / "results.json").is_file():
             print(f"skipped {run}: no results.json", file=sys.stderr)
             continue
         try:
-            rows.append(row_of(run, read_results(run)))
+            res = read_results(run)
+            rows.append(row_of(run, res))
+            if rows[-1]["pixel_change"] is None and (change := image_change(run, res, features)):
+                rows[-1]["pixel_change"], rows[-1]["feature_change"] = change["pixel"], \
+                    change["feature"]
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

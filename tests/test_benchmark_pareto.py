@@ -87,3 +87,30 @@ def test_no_finished_run_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: none of the folders holds a finished run")
     assert not (tmp_path / "out").exists()
+
+
+def test_runs_made_before_the_key_get_their_image_change_from_the_folders(tmp_path):
+    pareto = load_benchmark("pareto")
+    from receler.eval.prompts import read_prompts
+    from receler.protocol import PromptSets
+
+    run = fake_run(tmp_path / "run", "star", 1.0, 0.1, 0.2)
+    res = json.loads((run / "results.json").read_text())
+    res["base_images"] = str(tmp_path / "base")
+    (run / "results.json").write_text(json.dumps(res))
+    rows = read_prompts(PromptSets.toy().simple)
+    circle = next(r for r in rows if r.class_name == "circle").case_number
+    star = next(r for r in rows if r.class_name == "star").case_number
+    for folder, shade in ((tmp_path / "base" / "simple", 100), (run / "images" / "erased" /
+                                                                "simple", 151)):
+        folder.mkdir(parents=True)
+        for case in (circle, star):  # star's own image may change: it is not counted
+            Image.new("RGB", (8, 8), (shade, shade, shade) if case == circle
+                      else (0, 0, 0)).save(folder / f"{case}_0.png")
+    (run / "images" / "erased" / "simple" / f"{star}_0.png").unlink()
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(run / "images" / "erased" / "simple" /
+                                                   f"{star}_0.png")
+    change = pareto.image_change(run, res, {"toy": None})
+    assert change["n"] == 1 and change["pixel"] == pytest.approx(51 / 255)
+    res["pixel_change_others"] = 0.5  # recorded by the protocol: read, not measured again
+    assert pareto.row_of(run, res)["pixel_change"] == 0.5
