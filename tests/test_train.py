@@ -336,3 +336,53 @@ def test_prompt_templates_take_turns_and_the_soft_tokens_follow_the_concept(pipe
 def test_templates_that_do_not_end_with_the_concept_are_refused(templates):
     with pytest.raises(ValueError, match="must end with"):
         config(prompt_templates=templates)
+
+
+def test_anchors_on_their_own_latents(pipe, tmp_path, monkeypatch):
+    """anchor_latents='own': each anchor's own frozen-model images are drawn once (their
+    passes counted) and the anchor pass runs on one of them noised to t, not on z_t."""
+    import receler.train as train
+
+    with pytest.raises(ValueError, match="anchor_latents must be one of concept, own"):
+        config(anchor_latents="mine")
+    seen = []  # (latent, prompt) of every frozen pass on an anchor prompt
+    real = train.unet_eps
+
+    def spy(unet, z, t, cond):
+        seen.append((z.detach().clone(), cond))
+        return real(unet, z, t, cond)
+
+    monkeypatch.setattr(train, "unet_eps", spy)
+    cfg = config(adv_steps=0, anchor_weight=1.0, anchors="a photo|a red truck",
+                 anchor_latents="own", base_images=2, ddim_steps=4)
+    trainer = Trainer(pipe, cfg, tmp_path)
+    assert [x.shape[0] for x in trainer.anchor_x0] == [2, 2]
+    trainer.train()
+    rows = log_rows(tmp_path)
+    # 2 anchors × 2 images × 4 DDIM steps × 2 (guidance), once, then as with 'concept'
+    expected = 2 * 2 * 4 * 2 + sum(2 * r["ddim_step"] + 2 + 1 + 1 for r in rows)
+    assert rows[-1]["unet_forward"] == expected
+    anchors = {id(a) for a in trainer.anchors}
+    anchored = [z for z, cond in seen if id(cond) in anchors]
+    assert len(anchored) == len(rows)
+    # not the iteration's z_t: the concept's passes (ε(c)) ran on other latents
+    concept = [z for z, cond in seen if cond is trainer.cond["car"]]
+    assert len(concept) >= len(rows)
+    assert all(not any(torch.equal(a, c) for c in concept) for a in anchored)
+
+
+def test_anchors_on_their_own_latents_resume_exactly(tiny_model_dir, tmp_path):
+    from receler import load_pipeline
+
+    cfg = dict(adv_steps=0, anchor_weight=1.0, anchors="a photo|a red truck",
+               anchor_latents="own", base_images=2)
+    full = load_pipeline(str(tiny_model_dir), device="cpu")
+    Trainer(full, config(**cfg), tmp_path / "full").train()
+    part = load_pipeline(str(tiny_model_dir), device="cpu")
+    stop_at_3 = lambda tr, r: tr.request_stop() if r.iteration == 3 else None  # noqa: E731
+    with pytest.raises(TrainingInterrupted):
+        Trainer(part, config(**cfg), tmp_path / "part", callbacks=[stop_at_3]).train()
+    resumed = load_pipeline(str(tiny_model_dir), device="cpu")
+    Trainer(resumed, config(**cfg), tmp_path / "part").train(resume=True)
+    a, b = eraser_weights(full), eraser_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)

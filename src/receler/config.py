@@ -67,6 +67,7 @@ ADV_INITS = ("prompt", "uniform")
 ERASER_SITES = ("output", "input")  # where an eraser acts: attn2's output, or its text tokens
 ERASER_ACTIVATIONS = ("gelu", "linear")  # the eraser MLP's non-linearity ("linear": none)
 ERASE_ON = ("both", "attacked")
+ANCHOR_LATENTS = ("concept", "own")  # where the anchor prompts are held (TrainConfig.anchor_latents)
 # `--preset paper`: what the official code (jasper0314-huang/Receler, train_receler.py)
 # trains: its argparse defaults (500 iterations, lr 3e-4, rank 128, regulariser 0.1,
 # threshold 0.1, 50 DDIM steps, start guidance 3, 16 soft tokens, attack from the first
@@ -192,6 +193,12 @@ class TrainConfig:
         "prompt, anchored every iteration at no extra UNet pass; the others take turns, one "
         "extra frozen pass per iteration); an anchor naming an erased concept is dropped, "
         "so one retain set serves every concept")
+    anchor_latents: str = _f(
+        "concept", "latents the anchor prompts are held on: 'concept' (the iteration's z_t, "
+        "from the concept's trajectory) or 'own' (each anchor's own images by the frozen "
+        "model, --base-images of them drawn once, noised to the iteration's t: where the "
+        "anchored objects' colours and shapes are decided; base-images × DDIM steps × 2 "
+        "extra passes per anchor, once)")
     prompt_templates: str = _f(
         "", "prompts the concept is trained on, separated by '|', '{}' standing for the "
         "concept and ending each one so that the soft tokens follow it as the attack's do "
@@ -265,6 +272,9 @@ class TrainConfig:
             raise ValueError(f"reg_weight={self.reg_weight}: the concept mask is spatial and an "
                              "eraser at the 'input' site acts on text tokens; pass --reg-weight 0 "
                              "(and --anchor-weight to keep other prompts unchanged)")
+        if self.anchor_latents not in ANCHOR_LATENTS:
+            raise ValueError(f"anchor_latents must be one of {', '.join(ANCHOR_LATENTS)}, got "
+                             f"{self.anchor_latents!r}")
         if self.mask_source not in MASK_SOURCES:
             raise ValueError(f"mask_source must be one of {', '.join(MASK_SOURCES)}, "
                              f"got {self.mask_source!r}")

@@ -195,6 +195,16 @@ class Trainer(TrainingLoop):
                         ddim_until(pipe, self.sched, self._noise(), self.uncond, self.cond[c],
                                    config.base_guidance, config.ddim_steps, count=self.passes)
                         for _ in range(config.base_images)])
+        # ``anchor_latents='own'``: each anchor prompt's own images by the frozen model,
+        # drawn once after the concepts' (the same ones on resume), so that the anchor term
+        # holds the erasers on the latents of the objects it protects.
+        self.anchor_x0: list[torch.Tensor] = []
+        if config.anchor_latents == "own" and self.anchors:
+            with erasers_disabled(self.unet):
+                self.anchor_x0 = [torch.cat([
+                    ddim_until(pipe, self.sched, self._noise(), self.uncond, anchor,
+                               config.base_guidance, config.ddim_steps, count=self.passes)
+                    for _ in range(config.base_images)]) for anchor in self.anchors]
 
     def _initial_erasers(self, config: TrainConfig) -> dict[str, torch.Tensor] | None:
         """The weights of ``config.init_erasers``, checked against the UNet and the run."""
@@ -293,7 +303,8 @@ class Trainer(TrainingLoop):
             ``(e_uncond, e_cond, maps, shadowed)``.
         """
         unet = self.unet
-        anchor = self.anchors[self.iteration % len(self.anchors)] if self.anchors else None
+        which = self.iteration % len(self.anchors) if self.anchors else None
+        anchor = self.anchors[which] if self.anchors else None
         shadowed = []
         with erasers_disabled(unet):
             with (shadow_eraser_outputs(unet) if self.anchor_empty
@@ -305,8 +316,14 @@ class Trainer(TrainingLoop):
                 e_cond = unet_eps(unet, z, t, cond)
             self.passes(2)
             if anchor is not None:
+                z_anchor = z
+                if self.anchor_x0:  # one of the anchor's own images, noised to t
+                    images = self.anchor_x0[which]
+                    pick = int(torch.randint(len(images), (1,), generator=self.generator))
+                    z_anchor = self.sched.add_noise(images[pick][None], self._noise(),
+                                                    torch.as_tensor(t).reshape(1))
                 with shadow_eraser_outputs(unet) as outs:
-                    unet_eps(unet, z, t, anchor)
+                    unet_eps(unet, z_anchor, t, anchor)
                 shadowed.append(outs)
                 self.passes(1)
         return e_uncond, e_cond, maps, shadowed
