@@ -486,19 +486,7 @@ def distance_plot(rows: list[dict], concept: str, size: tuple[int, int] = (760, 
     d.rectangle((x0, y0, x1, y1), outline="black")
     d.text((x0 + 150, 8), f"{concept}: each model against the retrain oracle", fill="black")
     top = max([r["oracle_distance"]["fd_others"] for r in mine] + [1e-9]) * 1.1
-
-    def x(v):
-        return x0 + (x1 - x0) * v / top
-
-    def y(v):
-        return y1 - (y1 - y0) * v
-
-    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
-        d.line((x0, y(v), x1, y(v)), fill=(225, 225, 225))
-        d.text((x0 - 34, y(v) - 6), f"{v:.2f}", fill="black")
-    for i in range(5):
-        v = top * i / 4
-        d.text((x(v) - 10, y1 + 6), f"{v:.2g}", fill="black")
+    x, y = pareto.rate_axes(d, (x0, y0, x1, y1), 0.0, top, "{:.3g}")
     d.text((x0 + 40, y1 + 24), "Frechet distance to the oracle on the other classes' images",
            fill="black")
     d.text((4, 8), "soft-attack success", fill="black")

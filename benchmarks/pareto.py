@@ -237,6 +237,26 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rate_axes(d, box: tuple[int, int, int, int], lo: float, hi: float, fmt: str):
+    """Grid lines and labels of a plot with a rate (0-1) up and ``lo``..``hi`` across, in
+    ``box`` (x0, y0, x1, y1); returns the two maps from values to pixels."""
+    x0, y0, x1, y1 = box
+
+    def x(v):
+        return x0 + (x1 - x0) * (v - lo) / (hi - lo)
+
+    def y(v):
+        return y1 - (y1 - y0) * v
+
+    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
+        d.line((x0, y(v), x1, y(v)), fill=(225, 225, 225))
+        d.text((x0 - 34, y(v) - 6), f"{v:.2f}", fill="black")
+    for i in range(5):
+        v = lo + (hi - lo) * i / 4
+        d.text((x(v) - 12, y1 + 6), fmt.format(v), fill="black")
+    return x, y
+
+
 def to_picture(rows: list[dict], concept: str, size: tuple[int, int] = (760, 460)
                ) -> Image.Image:
     """Acc_L across (its range, padded), attack success up (0-1); filled dots at the
@@ -251,20 +271,7 @@ def to_picture(rows: list[dict], concept: str, size: tuple[int, int] = (760, 460
     d.text((x0, 8), f"{concept}: attack success (filled: eval budget, hollow: 3x) against "
                     "Acc_L", fill="black")
     lo = min([r["acc_l"] for r in mine] + [0.9]) - 0.02
-    hi = 1.0 + 0.01
-
-    def x(v):
-        return x0 + (x1 - x0) * (v - lo) / (hi - lo)
-
-    def y(v):
-        return y1 - (y1 - y0) * v
-
-    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
-        d.line((x0, y(v), x1, y(v)), fill=(225, 225, 225))
-        d.text((x0 - 34, y(v) - 6), f"{v:.2f}", fill="black")
-    for i in range(5):
-        v = lo + (hi - lo) * i / 4
-        d.text((x(v) - 12, y1 + 6), f"{v:.2f}", fill="black")
+    x, y = rate_axes(d, (x0, y0, x1, y1), lo, 1.0 + 0.01, "{:.2f}")
     d.text(((x0 + x1) // 2 - 20, y1 + 24), "Acc_L", fill="black")
     for i, r in enumerate(mine):
         col = COLOURS[i % len(COLOURS)]

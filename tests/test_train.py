@@ -243,22 +243,28 @@ def test_adversary_pool_takes_turns_and_restarts_out_of_phase(pipe, tmp_path):
     assert torch.allclose(now[1], 2 * torch.ones_like(now[1]))
 
 
-def test_adversary_pool_resumes_exactly(tiny_model_dir, tmp_path):
+def train_and_resume(model_dir, out, **cfg) -> tuple[Trainer, Trainer]:
+    """One run straight through, one stopped after iteration 3 and resumed; both trainers,
+    after asserting that they end with the same erasers."""
     from receler import load_pipeline
 
-    cfg = dict(adv_pool=2, adv_reset=2)
-    full = load_pipeline(str(tiny_model_dir), device="cpu")
-    t_full = Trainer(full, config(**cfg), tmp_path / "full")
+    full = load_pipeline(str(model_dir), device="cpu")
+    t_full = Trainer(full, config(**cfg), out / "full")
     t_full.train()
-    part = load_pipeline(str(tiny_model_dir), device="cpu")
+    part = load_pipeline(str(model_dir), device="cpu")
     stop_at_3 = lambda tr, r: tr.request_stop() if r.iteration == 3 else None  # noqa: E731
     with pytest.raises(TrainingInterrupted):
-        Trainer(part, config(**cfg), tmp_path / "part", callbacks=[stop_at_3]).train()
-    resumed = load_pipeline(str(tiny_model_dir), device="cpu")
-    t_res = Trainer(resumed, config(**cfg), tmp_path / "part")
+        Trainer(part, config(**cfg), out / "part", callbacks=[stop_at_3]).train()
+    resumed = load_pipeline(str(model_dir), device="cpu")
+    t_res = Trainer(resumed, config(**cfg), out / "part")
     t_res.train(resume=True)
     a, b = eraser_weights(full), eraser_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    return t_full, t_res
+
+
+def test_adversary_pool_resumes_exactly(tiny_model_dir, tmp_path):
+    t_full, t_res = train_and_resume(tiny_model_dir, tmp_path, adv_pool=2, adv_reset=2)
     assert all(torch.equal(x, y) for x, y in zip(t_full.adv["car"], t_res.adv["car"], strict=True))
     assert t_full.adv_uses == t_res.adv_uses
 
@@ -372,17 +378,7 @@ def test_anchors_on_their_own_latents(pipe, tmp_path, monkeypatch):
 
 
 def test_anchors_on_their_own_latents_resume_exactly(tiny_model_dir, tmp_path):
-    from receler import load_pipeline
-
-    cfg = dict(adv_steps=0, anchor_weight=1.0, anchors="a photo|a red truck",
-               anchor_latents="own", base_images=2)
-    full = load_pipeline(str(tiny_model_dir), device="cpu")
-    Trainer(full, config(**cfg), tmp_path / "full").train()
-    part = load_pipeline(str(tiny_model_dir), device="cpu")
-    stop_at_3 = lambda tr, r: tr.request_stop() if r.iteration == 3 else None  # noqa: E731
-    with pytest.raises(TrainingInterrupted):
-        Trainer(part, config(**cfg), tmp_path / "part", callbacks=[stop_at_3]).train()
-    resumed = load_pipeline(str(tiny_model_dir), device="cpu")
-    Trainer(resumed, config(**cfg), tmp_path / "part").train(resume=True)
-    a, b = eraser_weights(full), eraser_weights(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    t_full, t_res = train_and_resume(tiny_model_dir, tmp_path, adv_steps=0, anchor_weight=1.0,
+                                     anchors="a photo|a red truck", anchor_latents="own",
+                                     base_images=2)
+    assert all(torch.equal(a, b) for a, b in zip(t_full.anchor_x0, t_res.anchor_x0, strict=True))
