@@ -68,6 +68,26 @@ def run_folder(work: Path, concept: str, label: str, seed: int = 0) -> Path:
     return work / concept / (f"{name}_seed{seed}" if seed else name)
 
 
+def plan(concepts: list[str], seeds: list[int], methods: list[str], variants: list[str],
+         published: str, seeded) -> list[tuple[str, list[tuple[str, str, list[str], int]]]]:
+    """The runs of each concept, seed by seed: ``(concept, [(label, method, flags, seed)])``.
+    A method without a training seed (``seeded(method)`` false) runs once, on the first
+    seed, and is given no ``--seed`` (the CLI refuses a setting the method would ignore)."""
+    order = []
+    for i, concept in enumerate(concepts):
+        runs = []
+        for j, seed in enumerate(seeds):
+            by_seed = [(m, m, []) for m in methods]
+            by_seed += [(v["label"], v["method"], v["flags"]) for v in map(variant, variants)]
+            if j == 0 and (published == "all" or (published == "first" and i == 0)):
+                # the longest run early, so that it overlaps the others with --jobs > 1
+                by_seed.insert(1, (PUBLISHED["label"], PUBLISHED["method"], PUBLISHED["flags"]))
+            runs += [(label, m, f + (["--seed", str(seed)] if seed and seeded(m) else []), seed)
+                     for label, m, f in by_seed if j == 0 or seeded(m)]
+        order.append((concept, runs))
+    return order
+
+
 def run_protocol(concept: str, method: str, out: Path, base: Path, flags: list[str],
                  model: str | None, threads: int) -> tuple[dict, float]:
     """One protocol run in a child process with ``threads`` torch threads (unless
@@ -429,18 +449,7 @@ def main() -> int:
         the first seed's run stands for all)."""
         return "seed" in get_method(method).config_fields
 
-    order = []  # (concept, [(label, method, flags, seed)]), seed by seed
-    for i, concept in enumerate(concepts):
-        runs = []
-        for j, seed in enumerate(seeds):
-            by_seed = [(m, m, []) for m in methods]
-            by_seed += [(v["label"], v["method"], v["flags"]) for v in map(variant, args.variant)]
-            if j == 0 and (published == "all" or (published == "first" and i == 0)):
-                # the longest run early, so that it overlaps the others with --jobs > 1
-                by_seed.insert(1, (PUBLISHED["label"], PUBLISHED["method"], PUBLISHED["flags"]))
-            runs += [(label, m, f + (["--seed", str(seed)] if seed else []), seed)
-                     for label, m, f in by_seed if j == 0 or seeded(m)]
-        order.append((concept, runs))
+    order = plan(concepts, seeds, methods, args.variant, published, seeded)
 
     def write() -> None:
         """The table of every finished run so far (a killed benchmark keeps its rows)."""

@@ -198,3 +198,15 @@ def test_published_recipe_and_variants_are_flags_the_protocol_accepts(compare):
     assert (ns.reg_weight, ns.seed) == (5.0, 1)
     quoted = compare.variant("--anchors '|a red|a blue'")  # a flag value with spaces
     assert parsed(quoted["flags"]).anchors == "|a red|a blue"
+
+
+def test_methods_without_a_seed_run_once_and_are_given_no_seed(compare):
+    """--seeds 1,2: UCE runs on seed 1 only, without --seed (the CLI refuses it); Receler
+    runs on both seeds with theirs."""
+    seeded = {"receler": True, "uce": False}.__getitem__
+    ((concept, runs),) = compare.plan(["star"], [1, 2], ["receler", "uce"], [], "none", seeded)
+    assert concept == "star"
+    assert runs == [("receler", "receler", ["--seed", "1"], 1), ("uce", "uce", [], 1),
+                    ("receler", "receler", ["--seed", "2"], 2)]
+    ((_, runs),) = compare.plan(["star"], [0], ["uce"], [], "all", seeded)
+    assert [r[0] for r in runs] == ["uce", compare.PUBLISHED["label"]]
