@@ -375,3 +375,23 @@ def test_table_detects_each_folder_even_when_two_share_a_name(oracle, tmp_path, 
                                     *(str(r / "images" / "erased") for r in runs)]
     assert all(o == str(tmp_path / "o") for _, o in seen)
     assert len({r["method"] for r in rows}) == 4
+
+
+def test_a_finished_measurement_is_reused_whatever_the_erase_settings_say(oracle, tmp_path):
+    """The oracle is never erased: an erase setting added later (a new TrainConfig field)
+    must not make its measurement stale; a measurement setting must."""
+    from dataclasses import asdict
+
+    cfg = oracle.measure_config("star", tmp_path / "pipeline", tmp_path / "measure",
+                                quick=True, skip="")
+    config = json.loads(json.dumps(asdict(cfg), default=str))
+    config["attack"] = cfg.attack.key()
+    del config["train"]["seed"]  # as written before a field existed
+    (tmp_path / "measure").mkdir()
+    done = {"config": config, "acc_e": 0.0}
+    (tmp_path / "measure" / "results.json").write_text(json.dumps(done))
+    assert oracle.measure(cfg, tmp_path / "shipped") == done
+    config["per_class"] += 1
+    (tmp_path / "measure" / "results.json").write_text(json.dumps(done))
+    with pytest.raises(ValueError, match="measured with other settings"):
+        oracle.measure(cfg, tmp_path / "shipped")
