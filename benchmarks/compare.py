@@ -444,12 +444,8 @@ def main() -> int:
 
     from receler.methods import get_method
 
-    def seeded(method: str) -> bool:
-        """Whether the method's result depends on the training seed (UCE and SLD do not:
-        the first seed's run stands for all)."""
-        return "seed" in get_method(method).config_fields
-
-    order = plan(concepts, seeds, methods, args.variant, published, seeded)
+    order = plan(concepts, seeds, methods, args.variant, published,
+                 lambda m: get_method(m).seeded)
 
     def write() -> None:
         """The table of every finished run so far (a killed benchmark keeps its rows)."""

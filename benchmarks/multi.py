@@ -120,7 +120,7 @@ def seeded(method: str) -> bool:
     """Whether the method's result depends on the training seed (UCE's does not)."""
     from receler.methods import get_method
 
-    return "seed" in get_method(method).config_fields
+    return get_method(method).seeded
 
 
 def scaled_flags(method: str, k: int, model: str | None, given: list[str]) -> list[str]:

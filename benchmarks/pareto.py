@@ -62,7 +62,7 @@ def seeded(method: str | None) -> bool:
     from receler.methods import get_method
 
     try:
-        return "seed" in get_method(method).config_fields
+        return get_method(method).seeded
     except ValueError:  # not a method of the registry (a whole UNet swapped in)
         return False
 

@@ -100,6 +100,12 @@ class Method:
     def uses_erasers(self) -> bool:
         return ERASERS_FILE in self.files
 
+    @property
+    def seeded(self) -> bool:
+        """Whether a training seed changes the result (UCE, MACE, RECE, SPEED and SLD:
+        no; their one run stands for every seed)."""
+        return "seed" in self.config_fields
+
 
 def _receler(name: str, summary: str, preset: dict[str, Any]) -> Method:
     return Method(name, summary, _RECELER_FIELDS, preset=preset, resumable=True,
