@@ -137,26 +137,12 @@ def stale(out: Path, concept: str, method: str, flags: list[str], model: str | N
 def pixel_change_others(res: dict) -> float | None:
     """Mean |base − edited| of the RGB values (0-1) over the simple-prompt images of the
     other classes, same seeds: what the class detector does not see (colours, sizes, poses).
-    0 = those images did not change at all."""
-    import numpy as np
-    from PIL import Image
+    0 = those images did not change at all. What the protocol recorded, else measured from
+    the run's images (``receler.eval.locality``)."""
+    from receler.eval.locality import run_image_change
 
-    from receler.eval.prompts import read_prompts
-    from receler.protocol import PromptSets
-
-    given = res["config"].get("prompts")  # the prompt files the protocol used (None = toy)
-    simple = Path(given["simple"]) if given else PromptSets.toy().simple
-    others = {f"{r.case_number}_0.png" for r in read_prompts(simple)
-              if r.class_name != res["concept"]}
-    base = Path(res["base_images"]) / "simple"
-    edited = Path(res["config"]["out"]) / "images" / "erased" / "simple"
-    names = sorted(n for n in others if (base / n).is_file() and (edited / n).is_file())
-    if not names:
-        return None
-    diffs = [np.abs(np.asarray(Image.open(base / n).convert("RGB"), np.float32)
-                    - np.asarray(Image.open(edited / n).convert("RGB"), np.float32)).mean() / 255
-             for n in names]
-    return float(np.mean(diffs))
+    change = run_image_change(Path(res["config"]["out"]), res)
+    return change and change["pixel"]
 
 
 def locality_by_class(res: dict) -> dict[str, dict[str, float]]:

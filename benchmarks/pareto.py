@@ -30,31 +30,6 @@ COLOURS = [(200, 40, 40), (40, 110, 200), (30, 150, 60), (150, 60, 160), (230, 1
            (20, 160, 160), (120, 120, 120), (90, 50, 20), (220, 90, 170), (0, 0, 0)]
 
 
-def image_change(run: Path, res: dict, features: dict) -> dict | None:
-    """The other classes' image change of a run made before the protocol recorded it, from
-    its images and its base model's (receler.eval.locality); ``None`` without images.
-    ``features`` caches the toy detector's feature extractor across runs."""
-    from receler.eval.locality import features_of, image_change, other_class_images
-    from receler.eval.prompts import read_prompts
-    from receler.protocol import PromptSets
-
-    given = res["config"].get("prompts") if "config" in res else None
-    simple = Path(given["simple"]) if given else PromptSets.toy().simple
-    erased = run / "images" / "erased" / "simple"
-    if not res.get("base_images") or not erased.is_dir():
-        return None
-    base = Path(res["base_images"]) / "simple"
-    names = other_class_images(read_prompts(simple), res["concept"], erased)
-    if not names:
-        return None
-    detector = res.get("detector") or "toy"
-    if detector not in features:
-        from receler.eval.detectors import get_detector
-
-        features[detector] = features_of(get_detector(detector)) if detector == "toy" else None
-    return image_change(base, erased, names, features[detector])
-
-
 def seeded(method: str | None) -> bool:
     """Whether the method's result depends on a training seed (UCE, MACE, RECE, SPEED and
     SLD record one in their settings but do not read it; a model swapped in whole has
@@ -91,7 +66,7 @@ def row_of(run: Path, res: dict) -> dict:
         if saved and seed is not None else str(run)
     for k in ("acc_e", "acc_r", "acc_l", "h", "two_object_locality"):
         row[k] = res.get(k)
-    # the other classes' image change (runs before the protocol recorded it: image_change())
+    # the other classes' image change (runs before the protocol recorded it: run_image_change())
     row["pixel_change"] = res.get("pixel_change_others")
     row["feature_change"] = res.get("feature_change_others")
     for suffix in ("", "_3x"):
@@ -316,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", type=Path, help="`receler protocol` run folders")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pareto")
     args = ap.parse_args(argv)
+    from receler.eval.locality import run_image_change
     from receler.runs import read_results
 
     rows, features = [], {}
@@ -326,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             res = read_results(run)
             rows.append(row_of(run, res))
-            if rows[-1]["pixel_change"] is None and (change := image_change(run, res, features)):
+            if rows[-1]["pixel_change"] is None and \
+                    (change := run_image_change(run, res, features)):
                 rows[-1]["pixel_change"], rows[-1]["feature_change"] = change["pixel"], \
                     change["feature"]
         except ValueError as e:

@@ -40,8 +40,7 @@ STEPS = [0, 10, 30, 100, 300]
 TOKENS = [1, 4, 8, 16]
 TOKEN_STEPS = 100
 BASE = "base (no erasure)"
-COLOURS = [(200, 40, 40), (40, 110, 200), (30, 150, 60), (150, 60, 160), (230, 140, 20),
-           (20, 160, 160), (120, 120, 120), (90, 50, 20), (220, 90, 170)]
+COLOURS = pareto.COLOURS
 
 
 def label_of(run: Path, results: dict) -> str:
@@ -143,7 +142,9 @@ def pooled(rows: list[dict]) -> list[dict]:
     return out
 
 
-def to_markdown(rows: list[dict], default_tokens: int, token_steps: int = TOKEN_STEPS) -> str:
+def to_markdown(rows: list[dict], default_tokens: int, token_steps: int = TOKEN_STEPS,
+                pool: list[dict] | None = None) -> str:
+    """The curves as tables; ``pool`` is ``pooled(rows)`` when the caller has it already."""
     def cell(r):
         return f"{r['rate']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
 
@@ -159,7 +160,7 @@ def to_markdown(rows: list[dict], default_tokens: int, token_steps: int = TOKEN_
                        + " | ".join(cell(by[v]) if v in by else "–" for v in values) + " |")
         return out
 
-    pool = pooled(rows)
+    pool = pooled(rows) if pool is None else pool
     lines = ["# Soft-prompt attack success against the attacker's strength", "",
              "Pooled over independent attacks (own prompt and seed each) and, where a method "
              "has runs that differ only in the training seed, over those runs; each cell is "
@@ -181,10 +182,11 @@ def to_markdown(rows: list[dict], default_tokens: int, token_steps: int = TOKEN_
 
 
 def to_picture(rows: list[dict], concept: str, default_tokens: int,
-               size: tuple[int, int] = (720, 440)) -> Image.Image:
+               size: tuple[int, int] = (720, 440), pool: list[dict] | None = None) -> Image.Image:
     """Attack success (0-1) against steps on a log-like axis, one line per method (runs
-    pooled over training seeds), 95% intervals as vertical bars."""
-    mine = [r for r in pooled(rows) if r["concept"] == concept
+    pooled over training seeds), 95% intervals as vertical bars; ``pool`` is
+    ``pooled(rows)`` when the caller has it already."""
+    mine = [r for r in (pooled(rows) if pool is None else pool) if r["concept"] == concept
             and r["tokens"] == default_tokens]
     steps = sorted({r["steps"] for r in mine})
     methods = list(dict.fromkeys(r["method"] for r in mine))
@@ -227,15 +229,17 @@ def write(rows: list[dict], out: Path, default_tokens: int, token_steps: int = T
     from receler.serialization import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
+    pool = pooled(rows)
     paths = [out / "robustness.json", out / "robustness_pooled.json", out / "robustness.md"]
-    for path, data in zip(paths[:2], (rows, pooled(rows)), strict=True):
+    for path, data in zip(paths[:2], (rows, pool), strict=True):
         text = json.dumps(data, indent=2) + "\n"
         atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
-    md = to_markdown(rows, default_tokens, token_steps) + "\n"
+    md = to_markdown(rows, default_tokens, token_steps, pool=pool) + "\n"
     atomic_write(paths[2], lambda tmp: tmp.write_text(md))
     for concept in dict.fromkeys(r["concept"] for r in rows):
         p = out / f"robustness_{concept}.png"
-        atomic_write(p, lambda tmp, c=concept: to_picture(rows, c, default_tokens).save(tmp, "PNG"))
+        atomic_write(p, lambda tmp, c=concept: to_picture(rows, c, default_tokens, pool=pool)
+                     .save(tmp, "PNG"))
         paths.append(p)
     return paths
 
@@ -267,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     rows: list[dict] = []
+    paths: list[Path] = []
     seen_base: set[str] = set()
     default_tokens = None
     for run in tqdm(args.runs, desc="runs"):
@@ -276,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += measure_run(run, steps, tokens, TOKEN_STEPS, include_base=base_key not in seen_base)
         seen_base.add(base_key)
         name_runs(rows, {str(r): res for r, res in results.items()})
-        write(rows, args.out, default_tokens)
-    for p in write(rows, args.out, default_tokens):
+        paths = write(rows, args.out, default_tokens)  # after each run: a killed run keeps them
+    for p in paths:
         print(p)
     return 0
 

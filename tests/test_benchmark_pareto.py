@@ -110,7 +110,16 @@ def test_runs_made_before_the_key_get_their_image_change_from_the_folders(tmp_pa
     (run / "images" / "erased" / "simple" / f"{star}_0.png").unlink()
     Image.new("RGB", (8, 8), (255, 255, 255)).save(run / "images" / "erased" / "simple" /
                                                    f"{star}_0.png")
-    change = pareto.image_change(run, res, {"toy": None})
+    from receler.eval.locality import run_image_change
+
+    change = run_image_change(run, res, {"toy": None})
     assert change["n"] == 1 and change["pixel"] == pytest.approx(51 / 255)
+    assert run_image_change(run, res)["pixel"] == change["pixel"]  # no feature cache: pixels
+    compare = load_benchmark("compare")
+    res.setdefault("config", {})["out"] = str(run)
+    assert compare.pixel_change_others(res) == pytest.approx(51 / 255)
+    # recorded by the protocol: read, not measured again
+    res["image_change_others"] = {"n": 9, "pixel": 0.25, "feature": None}
+    assert compare.pixel_change_others(res) == 0.25
     res["pixel_change_others"] = 0.5  # recorded by the protocol: read, not measured again
     assert pareto.row_of(run, res)["pixel_change"] == 0.5

@@ -75,3 +75,38 @@ def image_change(base: Path, edited: Path, names: list[str], features=None) -> d
         if len(pairs) >= 2:
             out["feature_fd"] = max(float(fid_from_features(fa, fb)), 0.0)
     return out
+
+
+def run_image_change(run: Path, res: dict, features: dict | None = None) -> dict | None:
+    """The other classes' image change of a finished ``receler protocol`` run: what the
+    protocol recorded (``image_change_others``), else measured from the run's images and
+    its base model's, for runs made before the protocol recorded it; ``None`` without
+    images. ``features`` (a dict) caches each detector's feature extractor across runs;
+    without it only the pixel change is measured."""
+    if res.get("image_change_others"):
+        return res["image_change_others"]
+    from .prompts import read_prompts
+
+    given = res.get("config", {}).get("prompts")  # the prompt files it used (None = toy)
+    if given:
+        simple = Path(given["simple"])
+    else:
+        from ..protocol import PromptSets
+
+        simple = PromptSets.toy().simple
+    erased = Path(run) / "images" / "erased" / "simple"
+    if not res.get("base_images") or not erased.is_dir():
+        return None
+    names = other_class_images(read_prompts(simple), res["concept"], erased)
+    if not names:
+        return None
+    extractor = None
+    if features is not None:
+        detector = res.get("detector") or "toy"
+        if detector not in features:
+            from .detectors import get_detector
+
+            features[detector] = features_of(get_detector(detector)) if detector == "toy" \
+                else None
+        extractor = features[detector]
+    return image_change(Path(res["base_images"]) / "simple", erased, names, extractor)
