@@ -115,6 +115,9 @@ class MergeConfig:
                             "stay the erased model's too (the empty prompt is always in; "
                             "prompts naming an erased concept are dropped; default: the "
                             "erasers' anchor prompts)")
+    retain_weight: float = _f(1.0, "weight of the retain prompts' and the empty prompt's "
+                                   "terms in the distillation loss, against 1 for the erased "
+                                   "concepts' and the attacked prompt's")
     ddim_steps: int | None = _f(None, "DDIM steps of the z_t sampler (default: the erasers')")
     start_guidance: float | None = _f(None, "guidance of the z_t sampler (default: the "
                                             "erasers')")
@@ -141,6 +144,8 @@ class MergeConfig:
             raise ValueError(f"eval_trajectories must be >= 0, got {self.eval_trajectories}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.retain_weight) and self.retain_weight > 0):
+            raise ValueError(f"retain_weight must be a positive number, got {self.retain_weight}")
         groups = self.param_groups
         unknown = [g for g in groups if g not in PARAM_GROUPS]
         if not groups or unknown:
@@ -333,10 +338,21 @@ class MergeLoop(TrainingLoop):
         with torch.no_grad():
             teacher = unet_eps(self.unet, zb, t, cond)  # erasers on: the erased model
         self.passes(len(texts))
-        loss = F.mse_loss(self.student_eps(zb, t, cond).float(), teacher.float())
+        loss = self.loss(self.student_eps(zb, t, cond).float(), teacher.float(), texts)
         self.update(loss, tuple(losses), samples=len(texts))
         return IterationResult(self.iteration, prompt, steps_done, int(t), loss.item(), 0.0,
                                losses)
+
+    def loss(self, student: torch.Tensor, teacher: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """MSE per prompt of the batch, averaged with ``retain_weight`` on the retain prompts
+        and the empty prompt (1 on the erased concepts and the attacked prompt)."""
+        per = F.mse_loss(student, teacher, reduction="none").flatten(1).mean(1)
+        if self.merge.retain_weight == 1.0:
+            return per.mean()
+        concepts = set(self.concepts)
+        w = torch.tensor([1.0 if t in concepts or t.endswith(" + soft tokens") else
+                          self.merge.retain_weight for t in texts], device=per.device)
+        return (per * w).sum() / w.sum()
 
     def postfix(self, r: IterationResult) -> dict[str, str]:
         return {"mse": f"{r.loss_erase:.2e}"}
@@ -370,9 +386,9 @@ class MergeLoop(TrainingLoop):
             raise ValueError(f"{path} merges other erasers ({meta['source']['path']}) than "
                              f"{self.source['path']}: resume with those, or start again "
                              "with --overwrite")
-        saved, asked = meta["merge"], self.merge.to_dict()
-        for key in ("lr", "params", "retain", "ddim_steps", "start_guidance", "zt_reuse",
-                    "seed", "adv_steps", "adv_tokens", "adv_lr"):
+        saved, asked = {"retain_weight": 1.0, **meta["merge"]}, self.merge.to_dict()
+        for key in ("lr", "params", "retain", "retain_weight", "ddim_steps", "start_guidance",
+                    "zt_reuse", "seed", "adv_steps", "adv_tokens", "adv_lr"):
             if saved[key] != asked[key]:
                 raise ValueError(f"{path} was made with {key}={saved[key]!r}, not "
                                  f"{asked[key]!r}: resume with the same --{key.replace('_', '-')}"
