@@ -118,6 +118,11 @@ class MergeConfig:
     retain_weight: float = _f(1.0, "weight of the retain prompts' and the empty prompt's "
                                    "terms in the distillation loss, against 1 for the erased "
                                    "concepts' and the attacked prompt's")
+    retain_target: str = _f("erased", "what the retain prompts and the empty prompt are "
+                                      "distilled towards: 'erased' (the erased model's ε, "
+                                      "erasers attached) or 'base' (the base model's ε, so "
+                                      "that the export keeps the base model's images of them "
+                                      "rather than the erasers' side effects)")
     ddim_steps: int | None = _f(None, "DDIM steps of the z_t sampler (default: the erasers')")
     start_guidance: float | None = _f(None, "guidance of the z_t sampler (default: the "
                                             "erasers')")
@@ -144,6 +149,9 @@ class MergeConfig:
             raise ValueError(f"eval_trajectories must be >= 0, got {self.eval_trajectories}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.retain_target not in ("erased", "base"):
+            raise ValueError(f"retain_target must be 'erased' or 'base', got "
+                             f"{self.retain_target!r}")
         if not (math.isfinite(self.retain_weight) and self.retain_weight > 0):
             raise ValueError(f"retain_weight must be a positive number, got {self.retain_weight}")
         groups = self.param_groups
@@ -337,11 +345,23 @@ class MergeLoop(TrainingLoop):
         zb = z.expand(len(texts), *z.shape[1:])
         with torch.no_grad():
             teacher = unet_eps(self.unet, zb, t, cond)  # erasers on: the erased model
+            if self.merge.retain_target == "base":  # the retain rows: the base model's
+                keep = torch.tensor([not self.is_erased_row(x) for x in texts])
+                with erasers_disabled(self.unet):
+                    base = unet_eps(self.unet, zb[keep], t, cond.select(keep))
+                teacher = teacher.clone()
+                teacher[keep] = base
+                self.passes(int(keep.sum()))
         self.passes(len(texts))
         loss = self.loss(self.student_eps(zb, t, cond).float(), teacher.float(), texts)
         self.update(loss, tuple(losses), samples=len(texts))
         return IterationResult(self.iteration, prompt, steps_done, int(t), loss.item(), 0.0,
                                losses)
+
+    def is_erased_row(self, text: str) -> bool:
+        """Whether a batch row (``step``'s ``texts``) is an erased concept or its attacked
+        prompt, rather than a retain prompt or the empty prompt."""
+        return text in self.concepts or text.endswith(" + soft tokens")
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """MSE per prompt of the batch, averaged with ``retain_weight`` on the retain prompts
@@ -349,9 +369,8 @@ class MergeLoop(TrainingLoop):
         per = F.mse_loss(student, teacher, reduction="none").flatten(1).mean(1)
         if self.merge.retain_weight == 1.0:
             return per.mean()
-        concepts = set(self.concepts)
-        w = torch.tensor([1.0 if t in concepts or t.endswith(" + soft tokens") else
-                          self.merge.retain_weight for t in texts], device=per.device)
+        w = torch.tensor([1.0 if self.is_erased_row(t) else self.merge.retain_weight
+                          for t in texts], device=per.device)
         return (per * w).sum() / w.sum()
 
     def postfix(self, r: IterationResult) -> dict[str, str]:
@@ -386,8 +405,9 @@ class MergeLoop(TrainingLoop):
             raise ValueError(f"{path} merges other erasers ({meta['source']['path']}) than "
                              f"{self.source['path']}: resume with those, or start again "
                              "with --overwrite")
-        saved, asked = {"retain_weight": 1.0, **meta["merge"]}, self.merge.to_dict()
-        for key in ("lr", "params", "retain", "retain_weight", "ddim_steps", "start_guidance",
+        saved = {"retain_weight": 1.0, "retain_target": "erased", **meta["merge"]}
+        asked = self.merge.to_dict()
+        for key in ("lr", "params", "retain", "retain_weight", "retain_target", "ddim_steps", "start_guidance",
                     "zt_reuse", "seed", "adv_steps", "adv_tokens", "adv_lr"):
             if saved[key] != asked[key]:
                 raise ValueError(f"{path} was made with {key}={saved[key]!r}, not "
@@ -437,7 +457,9 @@ class MergeLoop(TrainingLoop):
     def fidelity(self) -> dict[str, Any]:
         """MSE to the erased model's ``ε`` of the base UNet and of the merged one, on
         held-out trajectories of the erased model (their own seed): per group
-        (``concept``: the erased concepts; ``retain``: the retain prompts and ``""``), and
+        (``concept``: the erased concepts; ``retain``: the retain prompts and ``""``), with
+        ``mse_merged_to_base`` the merged UNet's MSE to the base model's ``ε`` (what
+        ``retain_target='base'`` trains the retain prompts towards), and
         ``kept``: 1 − merged/base on the concepts, the share of the erasers' change of the
         concept's predictions that the merged weights reproduce (1: all of it, 0: none)."""
         n = self.merge.eval_trajectories
@@ -447,7 +469,7 @@ class MergeLoop(TrainingLoop):
         groups = {"concept": self.concepts, "retain": ["", *self.config.concepts[len(self.concepts):]]}
         out = {}
         for group, prompts in groups.items():
-            sums = {"base": 0.0, "merged": 0.0}
+            sums = {"base": 0.0, "merged": 0.0, "merged_to_base": 0.0}
             for prompt in prompts:
                 cond = self.uncond if prompt == "" else self.cond[prompt]
                 for _ in range(n):
@@ -467,8 +489,10 @@ class MergeLoop(TrainingLoop):
                     merged = self.student_eps(path, t, rows).float()
                     sums["base"] += F.mse_loss(base, teacher).item()
                     sums["merged"] += F.mse_loss(merged, teacher).item()
+                    sums["merged_to_base"] += F.mse_loss(merged, base).item()
             k = len(prompts) * n
             out[group] = {"mse_base": sums["base"] / k, "mse_merged": sums["merged"] / k,
+                          "mse_merged_to_base": sums["merged_to_base"] / k,
                           "prompts": len(prompts), "trajectories": n}
         base = out["concept"]["mse_base"]
         out["kept"] = 1.0 - out["concept"]["mse_merged"] / base if base > 0 else None

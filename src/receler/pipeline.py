@@ -147,6 +147,11 @@ class Conditioning:
     def with_hidden(self, hidden: torch.Tensor) -> Conditioning:
         return Conditioning(hidden, self.added)
 
+    def select(self, rows: torch.Tensor) -> Conditioning:
+        """The batch rows ``rows`` (a boolean mask or indices)."""
+        added = None if self.added is None else {k: v[rows] for k, v in self.added.items()}
+        return Conditioning(self.hidden[rows], added)
+
     def cat(self, other: Conditioning) -> Conditioning:
         added = None
         if self.added is not None:
