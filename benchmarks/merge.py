@@ -118,14 +118,21 @@ def attached_step(args, merged: dict) -> tuple[dict, Path]:
 
 def summary(args, record: dict, rows: dict[str, tuple[dict, Path]]) -> dict:
     import receler
+    from receler.eval.locality import run_image_change
 
     attached = rows["erasers attached"][0]
     table = {"base": {k: attached["base"][k] for k in METRICS}}
     table.update({name: {k: r[k] for k in METRICS} for name, (r, _) in rows.items()})
     # each class's detection rate, so that a lost neighbour is named, not only averaged
     table["base"]["per_class"] = per_class(attached["base"])
-    for name, (r, _) in rows.items():
+    for name, (r, path) in rows.items():
         table[name]["per_class"] = per_class(r)
+        # beside Acc_L: what the detector does not see (receler.eval.locality)
+        table[name]["two_object_locality"] = r.get("two_object_locality")
+        change = run_image_change(path, r)
+        table[name]["pixel_change_others"] = change and change["pixel"]
+    table["base"].update(two_object_locality=attached["base"].get("two_object_locality"),
+                         pixel_change_others=0.0)
     return {"receler_version": receler.__version__, "date": datetime.date.today().isoformat(),
             "command": " ".join(["python", "benchmarks/merge.py", *sys.argv[1:]]),
             "concept": args.concept, "erasers": str(args.erasers),
@@ -147,6 +154,9 @@ def to_markdown(s: dict) -> str:
     def num(x, digits=3):
         return "–" if x is None else f"{x:.{digits}f}"
 
+    def sci(x):
+        return "–" if x is None else f"{x:.2e}"
+
     def attack(row, suffix=""):
         rate, n, ci = (row[f"attack_success_soft{suffix}"], row[f"attack_n{suffix}"],
                        row[f"attack_ci{suffix}"])
@@ -163,13 +173,19 @@ def to_markdown(s: dict) -> str:
              f"iterations of lr {cfg['lr']:g} with {cfg.get('adv_steps', 0)} soft-prompt attack "
              f"steps each: {st['unet_forward']} UNet forward and "
              f"{st['unet_backward']} backward passes, {st['seconds']:.0f} s. Retain prompts: "
-             f"{len(m['retain_prompts'])} (with the empty prompt).", "",
-             "| model | Acc_E | Acc_R | Acc_L | H | soft attack [95% CI] of n | "
-             "at 3× steps |", "|---|---|---|---|---|---|---|"]
+             f"{len(m['retain_prompts'])} (with the empty prompt), weight "
+             f"{cfg.get('retain_weight', 1.0):g}, distilled towards the "
+             f"{cfg.get('retain_target', 'erased')} model.", "",
+             "Pixel Δ: the other classes' images against the base model's (mean |Δ| of the RGB "
+             "values, 0–1, same prompts and seeds); two-object: the other object kept in prompts "
+             "naming both.", "",
+             "| model | Acc_E | Acc_R | Acc_L | other classes' pixel Δ | two-object | H | "
+             "soft attack [95% CI] of n | at 3× steps |", "|---|---|---|---|---|---|---|---|---|"]
     for name, row in s["table"].items():
         lines.append(f"| {name} | {num(row['acc_e'])} | {num(row['acc_r'])} | "
-                     f"{num(row['acc_l'])} | {num(row['h'])} | {attack(row)} | "
-                     f"{attack(row, '_3x')} |")
+                     f"{num(row['acc_l'])} | {num(row.get('pixel_change_others'))} | "
+                     f"{num(row.get('two_object_locality'), 2)} | {num(row['h'])} | "
+                     f"{attack(row)} | {attack(row, '_3x')} |")
     classes = list(s["table"]["base"].get("per_class", {}))
     if classes:
         lines += ["", "Detection rate per class (simple prompts):", "",
@@ -183,11 +199,14 @@ def to_markdown(s: dict) -> str:
         c, r = fid["concept"], fid["retain"]
         lines += ["", "Fidelity on held-out trajectories of the erased model (MSE of ε to the "
                   "erased model's):", "",
-                  "| prompts | base UNet | merged UNet |", "|---|---|---|",
+                  "| prompts | base UNet | merged UNet | merged UNet to the base model's |",
+                  "|---|---|---|---|",
                   f"| the concept ({c['prompts']}, {c['trajectories']} trajectories each) | "
-                  f"{c['mse_base']:.2e} | {c['mse_merged']:.2e} |",
+                  f"{c['mse_base']:.2e} | {c['mse_merged']:.2e} | "
+                  f"{sci(c.get('mse_merged_to_base'))} |",
                   f"| retain ({r['prompts']}, {r['trajectories']} trajectories each) | "
-                  f"{r['mse_base']:.2e} | {r['mse_merged']:.2e} |", "",
+                  f"{r['mse_base']:.2e} | {r['mse_merged']:.2e} | "
+                  f"{sci(r.get('mse_merged_to_base'))} |", "",
                   f"Share of the erasers' change of the concept's predictions that the merged "
                   f"weights reproduce: {fid['kept']:.1%}."]
     return "\n".join(lines) + "\n"

@@ -239,8 +239,9 @@ def test_benchmark_table_names_each_class_rate(tmp_path):
 
     attached = {**res(1.0, 0.0), "base": res(1.0, 1.0), "rows": {"simple": 20},
                 "skipped": ["latency"], "train": {}}
-    rows = {"erasers attached": (attached, tmp_path / "a"), "merged": (res(0.4, 0.0),
-                                                                       tmp_path / "m")}
+    merged = {**res(0.4, 0.0), "two_object_locality": 0.8,
+              "image_change_others": {"n": 9, "pixel": 0.05, "feature": None}}
+    rows = {"erasers attached": (attached, tmp_path / "a"), "merged": (merged, tmp_path / "m")}
     record = {"parameters": ["x"], "merge": {"params": "to_out", "iterations": 10, "lr": 1e-4},
               "stats": {"trainable_parameters": 5, "unet_forward": 1, "unet_backward": 1,
                         "seconds": 2.0}, "fidelity": None, "retain_prompts": [""]}
@@ -250,3 +251,6 @@ def test_benchmark_table_names_each_class_rate(tmp_path):
     assert s["table"]["base"]["per_class"] == {"circle": 1.0, "star": 1.0}
     md = bench.to_markdown(s)
     assert "| model | circle | star |" in md and "| merged | 0.40 | 0.00 |" in md
+    # beside Acc_L, the image change the detector does not see and two-object locality
+    assert "| merged | 0.000 | 0.000 | 0.900 | 0.050 | 0.80 | 0.950 |" in md, md
+    assert s["table"]["erasers attached"]["pixel_change_others"] is None  # no images: none
