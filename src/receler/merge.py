@@ -105,7 +105,9 @@ def _f(default: Any, help: str) -> Any:
 @dataclass
 class MergeConfig:
     """Settings of ``receler export``. ``None`` takes the erasers' own training setting. The
-    defaults did best in a sweep on the toy model (docs/merge.md)."""
+    defaults did best in a sweep on the toy model (docs/merge.md); ``retain_weight`` 20 and
+    ``retain_target`` 'base' since 2026-12-06, when weight 1 towards the erased model lost
+    heart's neighbours."""
 
     iterations: int = _f(600, "distillation iterations (one z_t each)")
     lr: float = _f(3e-4, "learning rate of the merged weights (Adam)")
@@ -115,10 +117,10 @@ class MergeConfig:
                             "stay the erased model's too (the empty prompt is always in; "
                             "prompts naming an erased concept are dropped; default: the "
                             "erasers' anchor prompts)")
-    retain_weight: float = _f(1.0, "weight of the retain prompts' and the empty prompt's "
+    retain_weight: float = _f(20.0, "weight of the retain prompts' and the empty prompt's "
                                    "terms in the distillation loss, against 1 for the erased "
                                    "concepts' and the attacked prompt's")
-    retain_target: str = _f("erased", "what the retain prompts and the empty prompt are "
+    retain_target: str = _f("base", "what the retain prompts and the empty prompt are "
                                       "distilled towards: 'erased' (the erased model's ε, "
                                       "erasers attached) or 'base' (the base model's ε, so "
                                       "that the export keeps the base model's images of them "
