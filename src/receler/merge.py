@@ -339,40 +339,39 @@ class MergeLoop(TrainingLoop):
     def step(self) -> IterationResult:
         prompt, steps_done, z, t = self.sample_zt()  # the erased model's trajectory
         texts, cond = self.batch(prompt)
+        erased = [x in self.concepts for x in texts]  # the rows distilled towards the erasers
         losses = []
         if self.adv:  # the concepts take turns
             concept = self.concepts[self.iteration % len(self.concepts)]
             attacked, losses = self.attacked(concept, z, t)
             texts, cond = [*texts, f"{concept} + soft tokens"], cond.cat(attacked)
+            erased.append(True)
         zb = z.expand(len(texts), *z.shape[1:])
         with torch.no_grad():
-            teacher = unet_eps(self.unet, zb, t, cond)  # erasers on: the erased model
-            if self.merge.retain_target == "base":  # the retain rows: the base model's
-                keep = torch.tensor([not self.is_erased_row(x) for x in texts])
+            if self.merge.retain_target == "base":  # erased rows: erasers on; the rest: off
+                mask = torch.tensor(erased)
+                teacher = torch.empty_like(zb)
+                teacher[mask] = unet_eps(self.unet, zb[mask], t, cond.select(mask))
                 with erasers_disabled(self.unet):
-                    base = unet_eps(self.unet, zb[keep], t, cond.select(keep))
-                teacher = teacher.clone()
-                teacher[keep] = base
-                self.passes(int(keep.sum()))
+                    teacher[~mask] = unet_eps(self.unet, zb[~mask], t, cond.select(~mask))
+            else:
+                teacher = unet_eps(self.unet, zb, t, cond)  # erasers on: the erased model
         self.passes(len(texts))
-        loss = self.loss(self.student_eps(zb, t, cond).float(), teacher.float(), texts)
+        loss = self.loss(self.student_eps(zb, t, cond).float(), teacher.float(), erased)
         self.update(loss, tuple(losses), samples=len(texts))
         return IterationResult(self.iteration, prompt, steps_done, int(t), loss.item(), 0.0,
                                losses)
 
-    def is_erased_row(self, text: str) -> bool:
-        """Whether a batch row (``step``'s ``texts``) is an erased concept or its attacked
-        prompt, rather than a retain prompt or the empty prompt."""
-        return text in self.concepts or text.endswith(" + soft tokens")
-
-    def loss(self, student: torch.Tensor, teacher: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """MSE per prompt of the batch, averaged with ``retain_weight`` on the retain prompts
-        and the empty prompt (1 on the erased concepts and the attacked prompt)."""
+    def loss(self, student: torch.Tensor, teacher: torch.Tensor,
+             erased: list[bool]) -> torch.Tensor:
+        """MSE per row of the batch, averaged with weight 1 on the erased concepts and the
+        attacked prompt (``erased``) and ``retain_weight`` on the retain prompts and the
+        empty prompt."""
         per = F.mse_loss(student, teacher, reduction="none").flatten(1).mean(1)
         if self.merge.retain_weight == 1.0:
             return per.mean()
-        w = torch.tensor([1.0 if self.is_erased_row(t) else self.merge.retain_weight
-                          for t in texts], device=per.device)
+        w = torch.tensor([1.0 if e else self.merge.retain_weight for e in erased],
+                         device=per.device)
         return (per * w).sum() / w.sum()
 
     def postfix(self, r: IterationResult) -> dict[str, str]:
