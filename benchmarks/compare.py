@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-METHODS = ["receler", "receler-eraser-only", "receler-eraser-reg", "receler-eraser-adv",
+METHODS = ["receler", "receler-exported", "receler-eraser-only", "receler-eraser-reg", "receler-eraser-adv",
            "esd-x", "esd-u", "uce", "rece", "speed", "mace", "sld", "advunlearn"]
 COLUMNS = ["method", "concept", "acc_e", "acc_r", "acc_l", "h", "attack_success_soft",
            "attack_ci", "attack_n", "attack_success_soft_3x", "two_object_locality", "classes_lost", "pixel_change_others", "train_seconds", "unet_passes",
@@ -53,6 +53,18 @@ COLUMNS = ["method", "concept", "acc_e", "acc_r", "acc_l", "h", "attack_success_
 # attacked prompt only), with none of the toy model's recommendations, so that any gain of
 # the recommended recipe is shown against it.
 PUBLISHED = {"label": "receler (paper)", "method": "receler", "flags": ["--preset", "paper"]}
+# Receler as the README recommends shipping it: the erasers trained, then merged into the
+# UNet's own weights (`receler protocol --export`, the export's defaults); its cost is both
+# stages'. It starts from the erasers of the same seed's `receler` run when that one has
+# finished (the same training), and trains its own otherwise.
+EXPORTED = {"label": "receler (exported)", "method": "receler", "flags": ["--export"]}
+ALIASES = {"receler-exported": EXPORTED}
+
+
+def entry(name: str) -> tuple[str, str, list[str]]:
+    """``(label, method, flags)`` of a ``--methods`` name."""
+    e = ALIASES.get(name)
+    return (e["label"], e["method"], list(e["flags"])) if e else (name, name, [])
 
 
 def variant(flags: str) -> dict:
@@ -77,7 +89,7 @@ def plan(concepts: list[str], seeds: list[int], methods: list[str], variants: li
     for i, concept in enumerate(concepts):
         runs = []
         for j, seed in enumerate(seeds):
-            by_seed = [(m, m, []) for m in methods]
+            by_seed = [entry(m) for m in methods]
             by_seed += [(v["label"], v["method"], v["flags"]) for v in map(variant, variants)]
             if j == 0 and (published == "all" or (published == "first" and i == 0)):
                 # the longest run early, so that it overlaps the others with --jobs > 1
@@ -131,7 +143,51 @@ def stale(out: Path, concept: str, method: str, flags: list[str], model: str | N
         was = done["attack"].get(key, "output" if key == "space" else None)
         if was != getattr(args, f"attack_{key}"):
             return f"attack_{key}={was}, not {getattr(args, f'attack_{key}')}"
+    asked = export_settings(args)
+    if done.get("export") != asked:
+        if done.get("export") is None or asked is None:
+            return f"export={'on' if done.get('export') else 'off'}, not " \
+                   f"{'on' if asked else 'off'}"
+        key = next(k for k in asked if done["export"].get(k) != asked[k])
+        return f"export {key}={done['export'].get(key)!r}, not {asked[key]!r}"
     return None
+
+
+def export_settings(args) -> dict | None:
+    """The merged export's settings that ``receler protocol`` flags ask for (None: none)."""
+    from receler.cli import _method_options
+    from receler.merge import MergeConfig
+
+    if not args.export:
+        return None
+    return MergeConfig.from_options(_method_options(args.export_option, "--export-option")).to_dict()
+
+
+def reuse_erasers(source: Path, out: Path, concept: str, method: str, flags: list[str],
+                  model: str | None) -> bool:
+    """Copy the finished erasers of run ``source`` into run ``out`` (which has none yet) when
+    they were trained with the settings these flags ask for; whether they were copied."""
+    import shutil
+
+    from receler.cli import _train_config, build_parser
+    from receler.methods.edits import EditConfig
+    from receler.methods.registry import settings_mismatch
+    from receler.serialization import CONFIG_FILE
+
+    src, dst = source / "erasers", out / "erasers"
+    if not (src / CONFIG_FILE).is_file() or dst.exists():
+        return False
+    argv = ["protocol", "--concept", concept, "--method", method, "--out", str(out), *flags]
+    args = build_parser().parse_args(argv + (["--model", model] if model else []))
+    if settings_mismatch(method, _train_config(args, concept, method, quiet=True),
+                         EditConfig.load(src / CONFIG_FILE)):
+        return False
+    tmp = out / ".erasers.copy"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    os.replace(tmp, dst)
+    return True
 
 
 def pixel_change_others(res: dict) -> float | None:
@@ -233,12 +289,25 @@ def measure_alone(outs: list[Path], repeats: int) -> None:
             if model not in pipes:
                 pipes[model] = load_pipeline(model, device="cpu")
             pipe = pipes[model]
-            load_edit(pipe, out / "erasers")
-            try:
-                lat = measure_latency(pipe, res["attack"]["prompt"],
-                                      SamplerSettings.for_model(model), repeats=repeats)
-            finally:
-                remove_edit(pipe)
+            if res["candidate"]["kind"] == "erase+export":  # the merged UNet swapped in
+                from receler.external import resolve_candidate
+                from receler.protocol import EXPORT_FOLDER
+
+                swap = resolve_candidate(res["concept"], model, unet=str(out / EXPORT_FOLDER))
+                swap.apply(pipe)
+                try:
+                    lat = measure_latency(pipe, res["attack"]["prompt"],
+                                          SamplerSettings.for_model(model), repeats=repeats,
+                                          base=lambda swap=swap, pipe=pipe: swap.base(pipe))
+                finally:
+                    swap.remove(pipe)
+            else:
+                load_edit(pipe, out / "erasers")
+                try:
+                    lat = measure_latency(pipe, res["attack"]["prompt"],
+                                          SamplerSettings.for_model(model), repeats=repeats)
+                finally:
+                    remove_edit(pipe)
             lat.update(repeats=repeats, threads=torch.get_num_threads())
             text = json.dumps(lat, indent=2) + "\n"
             atomic_write(out / LATENCY_FILE, lambda tmp, text=text: tmp.write_text(text))
@@ -496,12 +565,29 @@ def main() -> int:
         results[concept, label, seed] = res, peak
         return True
 
+    # the exported row waits for the same seed's receler run, to start from its erasers
+    trained = {(concept, seed): threading.Event() for concept, runs in order
+               for label, _, _, seed in runs if label == "receler"}
+
     def one(concept: str, label: str, method: str, extra: list[str], seed: int) -> None:
+        try:
+            run_one(concept, label, method, extra, seed)
+        finally:
+            if label == "receler":
+                trained[concept, seed].set()
+
+    def run_one(concept: str, label: str, method: str, extra: list[str], seed: int) -> None:
         if finished(concept, label, method, extra, seed):
             print(f"{concept:>10} {label:<28} seed {seed}: reused {folder(concept, label, seed)}",
                   flush=True)
             return
         out, t = folder(concept, label, seed), time.time()
+        if "--export" in extra and (concept, seed) in trained:
+            trained[concept, seed].wait()
+        if "--export" in extra and reuse_erasers(folder(concept, "receler", seed), out, concept,
+                                                 method, flags + extra, args.model):
+            print(f"{concept:>10} {label:<28} seed {seed}: erasers of "
+                  f"{folder(concept, 'receler', seed)}", flush=True)
         res, peak = run_protocol(concept, method, out, work / concept / "base", flags + extra,
                                  args.model, threads)
         (out / "peak_mem_mb.txt").write_text(f"{peak:.1f}\n")

@@ -210,3 +210,59 @@ def test_methods_without_a_seed_run_once_and_are_given_no_seed(compare):
                     ("receler", "receler", ["--seed", "2"], 2)]
     ((_, runs),) = compare.plan(["star"], [0], ["uce"], [], "all", seeded)
     assert [r[0] for r in runs] == ["uce", compare.PUBLISHED["label"]]
+
+
+def test_the_exported_row_starts_from_the_same_seeds_erasers_and_is_checked(
+        compare, tiny_model_dir, prompt_sets, colour_detector, tmp_path):
+    """``receler-exported``: `receler protocol --export`, run from the erasers of the same
+    seed's `receler` run when their settings match; its finished folder is refused when the
+    export's settings differ, and its latency is measured on the merged UNet."""
+    from receler.merge import MergeConfig
+
+    seeded = {"receler": True}.__getitem__
+    ((_, runs),) = compare.plan(["star"], [1], ["receler", "receler-exported"], [], "none", seeded)
+    assert runs == [("receler", "receler", ["--seed", "1"], 1),
+                    ("receler (exported)", "receler", ["--export", "--seed", "1"], 1)]
+
+    work = tmp_path / "work"
+    first = compare.run_folder(work, "car", "receler")
+    exported = compare.run_folder(work, "car", "receler (exported)")
+    assert exported.name == "receler_exported"
+    train = TrainConfig(concepts="car", iterations=2, ddim_steps=3, adv_steps=0, rank=4,
+                        mask_image_every=0)
+    common = dict(concept="car", model=str(tiny_model_dir), detector=colour_detector,
+                  per_class=1, concept_rows=1, attack_images=1, prompts=prompt_sets,
+                  attack=AttackConfig(tokens=1, steps=1, sweeps=1, candidates=2,
+                                      target_images=1, noise_draws=1), skip=("latency",))
+    Protocol(ProtocolConfig(out=first, train=train, **common), show_progress=False).run()
+    flags = ["--iterations", "2", "--ddim-steps", "3", "--adv-steps", "0", "--rank", "4",
+             "--per-class", "1", "--concept-rows", "1", "--attack-images", "1",
+             "--attack-steps", "1", "--attack-tokens", "1"]
+    # other training settings: not copied (the run trains its own)
+    other = [*flags[:1], "3", *flags[2:]]
+    assert not compare.reuse_erasers(first, exported, "car", "receler", other,
+                                     str(tiny_model_dir))
+    assert not (exported / "erasers").exists()
+    assert compare.reuse_erasers(first, exported, "car", "receler", flags, str(tiny_model_dir))
+    same = (first / "erasers" / "erasers.safetensors").read_bytes()
+    assert (exported / "erasers" / "erasers.safetensors").read_bytes() == same
+
+    export = MergeConfig(iterations=2, adv_steps=1, eval_trajectories=1, checkpoint_every=1)
+    res = Protocol(ProtocolConfig(out=exported, train=train, export=export, **common),
+                   show_progress=False).run()
+    assert res["train"]["erase"]["unet_forward"] < res["train"]["unet_forward"]
+    options = ["--export", "--export-option", "iterations=2", "--export-option", "adv_steps=1",
+               "--export-option", "eval_trajectories=1", "--export-option", "checkpoint_every=1"]
+    args = (exported, "car", "receler")
+    assert compare.stale(*args, flags + options, str(tiny_model_dir)) is None
+    assert compare.stale(*args, flags, str(tiny_model_dir)) == "export=on, not off"
+    assert compare.stale(*args, flags + options + ["--export-option", "iterations=3"],
+                         str(tiny_model_dir)) == "export iterations=2, not 3"
+    assert compare.stale(first, "car", "receler", flags + options,
+                         str(tiny_model_dir)) == "export=off, not on"
+
+    compare.measure_alone([exported], repeats=1)
+    lat = json.loads((exported / compare.LATENCY_FILE).read_text())
+    assert lat["repeats"] == 1 and lat["latency_s"] > 0 and lat["latency_base_s"] > 0
+    row = compare.row("receler (exported)", "car", res, None, alone=lat)
+    assert row["unet_passes"] == res["train"]["unet_forward"] + res["train"]["unet_backward"]

@@ -258,3 +258,27 @@ def test_benchmark_table_names_each_class_rate(tmp_path):
     # beside Acc_L, the image change the detector does not see and two-object locality
     assert "| merged | 0.000 | 0.000 | 0.900 | 0.050 | 0.80 | 0.950 |" in md, md
     assert s["table"]["erasers attached"]["pixel_change_others"] is None  # no images: none
+
+
+def test_protocol_export_options_are_checked_before_anything_loads(tmp_path, capsys):
+    """``receler protocol --export --export-option KEY=VALUE``: an unknown key, a value of the
+    wrong type, or an option without ``--export`` is a one-line error, and nothing is made."""
+    out = tmp_path / "run"
+    cases = [
+        (["--export-option", "iterations=300"], "without --export nothing is exported"),
+        (["--export", "--export-option", "iters=3"], "unknown export option 'iters'"),
+        (["--export", "--export-option", "iterations=many"],
+         "export option iterations takes an integer, got 'many'"),
+        (["--export", "--export-option", "retain_weight"], "--export-option takes KEY=VALUE"),
+        (["--export", "--method", "esd-x"], "--method esd-x leaves none"),
+        (["--export", "--unet", str(tmp_path)], "with --unet nothing is trained"),
+    ]
+    for args, message in cases:
+        code = main(["protocol", "--concept", "star", "--out", str(out), *args])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+        assert not out.exists()
+    from receler.merge import MergeConfig
+
+    assert MergeConfig.from_options({"iterations": 300, "retain_weight": 5}) == \
+        MergeConfig(iterations=300, retain_weight=5.0)

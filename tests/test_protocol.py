@@ -214,3 +214,72 @@ def test_a_base_folder_made_differently_is_refused(tiny_model_dir, prompt_sets, 
     (base / KEY_FILE).unlink()
     with pytest.raises(ValueError, match="holds images but no images_key.json"):
         Protocol(dataclasses.replace(cfg, out=tmp_path / "again"), show_progress=False).run()
+
+
+def test_export_measures_the_merged_unet_and_adds_its_cost(tiny_model_dir, prompt_sets,
+                                                           colour_detector, tmp_path):
+    """``--export``: the erasers are trained, merged into the UNet's weights, and the merged
+    UNet (no erasers) is what the protocol measures; the cost is both stages'."""
+    from diffusers import UNet2DConditionModel
+
+    from receler.erasers import get_erasers
+    from receler.merge import MERGE_FILE, MergeConfig
+    from receler.protocol import EXPORT_FOLDER
+
+    export = MergeConfig(iterations=2, adv_steps=1, eval_trajectories=1, checkpoint_every=1)
+    cfg = tiny_config(tmp_path, tiny_model_dir, prompt_sets, skip=("latency",), export=export)
+    protocol = Protocol(cfg, show_progress=False)
+    res = protocol.run()
+    merged = tmp_path / "run" / EXPORT_FOLDER
+    record = json.loads((merged / MERGE_FILE).read_text())
+    erase = json.loads((tmp_path / "run" / "erasers" / "eraser_config.json").read_text())["stats"]
+    assert res["name"] == "receler (exported)" and res["method"] == "receler"
+    assert res["candidate"]["kind"] == "erase+export"
+    assert res["candidate"]["merge"]["iterations"] == 2
+    for key in ("unet_forward", "unet_backward"):
+        assert res["train"][key] == erase[key] + record["stats"][key] > erase[key]
+    assert res["train"]["trainable_parameters"] == record["stats"]["trainable_parameters"]
+    assert res["export"]["fidelity"] == record["fidelity"]
+    # the merged UNet is a plain UNet; the images measured are its, not the erasers': the
+    # same erasers attached (their folder copied into a run of its own) draw others
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    assert not get_erasers(UNet2DConditionModel.from_pretrained(merged, use_safetensors=True))
+    shutil.copytree(tmp_path / "run" / "erasers", tmp_path / "e" / "run" / "erasers")
+    attached = Protocol(tiny_config(tmp_path / "e", tiny_model_dir, prompt_sets,
+                                    skip=("latency",),
+                                    base_dir=tmp_path / "run" / "images" / "base"),
+                        show_progress=False).run()
+    assert attached["name"] == "receler" and attached["train"] == erase
+
+    def pixels(run):
+        folder = run / "images" / "erased" / "simple"
+        return [np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))]
+
+    exported, with_erasers = pixels(tmp_path / "run"), pixels(tmp_path / "e" / "run")
+    assert len(exported) == len(with_erasers) == 3
+    assert any(not np.array_equal(a, b) for a, b in zip(exported, with_erasers, strict=True))
+
+    # run again: the finished export is reused, not trained again
+    stamp = (merged / MERGE_FILE).stat().st_mtime_ns
+    again = Protocol(cfg, show_progress=False).run()
+    assert (merged / MERGE_FILE).stat().st_mtime_ns == stamp
+    assert again["train"] == res["train"]
+    # other export settings in the same folder: refused, naming the setting
+    other = dataclasses.replace(cfg, export=dataclasses.replace(export, iterations=3))
+    with pytest.raises(ValueError, match="iterations=2, not 3.*another --out"):
+        Protocol(other, show_progress=False).run()
+
+
+def test_export_is_refused_where_nothing_is_trained_or_no_eraser_is_left(
+        tiny_model_dir, prompt_sets, tmp_path):
+    from receler.merge import MergeConfig
+
+    with pytest.raises(ValueError, match="--export merges the erasers.*--unet"):
+        tiny_config(tmp_path, tiny_model_dir, prompt_sets, train=None, erasers=tmp_path,
+                    export=MergeConfig())
+    with pytest.raises(ValueError, match="--method esd-x leaves none.*drop --export"):
+        tiny_config(tmp_path, tiny_model_dir, prompt_sets, method="esd-x", export=MergeConfig())

@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(UnlearnDiffAtk's; attacks an edited text encoder through its edit)")
     _add_preset_flag(r)
     _add_train_flags(r)
+    r.add_argument("--export", action="store_true",
+                   help="after training, merge the erasers into the UNet's own weights "
+                        "(`receler export`, into OUT/merged_unet) and measure the merged UNet; "
+                        "its cost is added to the erasers'")
+    r.add_argument("--export-option", action="append", metavar="KEY=VALUE",
+                   help="a `receler export` setting for --export, e.g. iterations=300 "
+                        "(repeatable; default: the export's defaults)")
 
     _add_export_parser(sub)
 
@@ -267,14 +274,14 @@ def _note_unknown_toy_words(model: str | None, concepts: list[str]) -> None:
                   f"style {', '.join(STYLES)}", file=sys.stderr)
 
 
-def _method_options(pairs: list[str] | None) -> dict | None:
+def _method_options(pairs: list[str] | None, flag: str = "--method-option") -> dict | None:
     if not pairs:
         return None
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--method-option takes KEY=VALUE, got {pair!r}")
+            raise ValueError(f"{flag} takes KEY=VALUE, got {pair!r}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -372,12 +379,21 @@ def cmd_attack(args) -> int:
 def cmd_protocol(args) -> int:
     from .attack import AttackConfig
     from .config import TrainConfig
-    from .protocol import SOURCES, Protocol, ProtocolConfig
+    from .protocol import SOURCES, Protocol, ProtocolConfig, check_export
 
     if len(args.concept) != 1:
         raise ValueError("protocol measures one concept: pass --concept once")
     concept = args.concept[0]
     skip = _skip_stages(args.skip)  # before the training settings are announced
+    export = None  # checked before the training settings are announced too
+    if args.export:
+        from .merge import MergeConfig
+
+        export = MergeConfig.from_options(_method_options(args.export_option, "--export-option"))
+        check_export(args.method, [n for n in SOURCES if getattr(args, n) is not None])
+    elif args.export_option:
+        raise ValueError("--export-option sets the merged export, but without --export nothing "
+                         "is exported: add --export")
     source = next((n for n in SOURCES if getattr(args, n) is not None), None)
     if source is None:
         train = _train_config(args, [concept], args.method or "receler")
@@ -400,7 +416,7 @@ def cmd_protocol(args) -> int:
                          base_dir=args.base_dir, erasers=args.erasers, unet=args.unet,
                          text_encoder=args.text_encoder, lora=args.lora, name=args.name,
                          skip=skip, sample_steps=args.sample_steps,
-                         deterministic=args.deterministic)
+                         deterministic=args.deterministic, export=export)
     protocol = Protocol(cfg)  # checks a model erased elsewhere before anything loads
     _say_safety_checker_off()
     results = protocol.run()

@@ -94,6 +94,10 @@ class SwapCandidate(Candidate):
             self.swapped[part] = module.to(current.device).requires_grad_(False).eval()
         self._put(pipe, self.swapped)
 
+    def remove(self, pipe) -> None:
+        """Put the base model's modules back (undoes :meth:`apply`)."""
+        self._put(pipe, self.originals)
+
     @staticmethod
     def _put(pipe, modules: dict[str, Any]) -> None:
         for part, module in modules.items():

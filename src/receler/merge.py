@@ -169,6 +169,31 @@ class MergeConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> MergeConfig:
+        """The defaults with ``options`` (``{"iterations": 300}``) replacing them; an unknown
+        key or a value of the wrong type is a one-line error naming the choices."""
+        from dataclasses import fields
+        from typing import get_type_hints
+
+        options = dict(options or {})
+        hints = get_type_hints(cls)
+        names = [f.name for f in fields(cls)]
+        for key, value in options.items():
+            if key not in names:
+                raise ValueError(f"unknown export option {key!r}: choose from {', '.join(names)}")
+            kinds = [t for t in (int, float, str) if hints[key] is t
+                     or t in getattr(hints[key], "__args__", ())]
+            ok = isinstance(value, tuple(kinds)) and not isinstance(value, bool)
+            if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+                value = options[key] = float(value)
+                ok = True
+            if not ok and not (value is None and type(None) in getattr(hints[key], "__args__", ())):
+                what = {int: "an integer", float: "a number", str: "a string"}
+                raise ValueError(f"export option {key} takes {' or '.join(map(what.get, kinds))}"
+                                 f", got {value!r}")
+        return cls(**options)
+
 
 def merge_parameter_names(unet: torch.nn.Module, groups: list[str]) -> list[str]:
     """Names of the UNet parameters a merge with ``groups`` (keys of :data:`PARAM_GROUPS`)
@@ -540,6 +565,17 @@ def _resolve(config: MergeConfig, saved) -> tuple[MergeConfig, TrainConfig, list
                        seed=resolved.seed, checkpoint_every=resolved.checkpoint_every,
                        mask_image_every=0, adv_steps=0)
     return resolved, loop, concepts
+
+
+def resolved_config(config: MergeConfig, saved) -> MergeConfig:
+    """``config`` as an export of the erasers whose :class:`~receler.methods.EditConfig` is
+    ``saved`` runs it (what ``merge_config.json`` records under ``merge``)."""
+    return _resolve(config, saved)[0]
+
+
+def erasers_sha256(folder: str | Path) -> str:
+    """The fingerprint of an erasers folder that an export records as its source."""
+    return _sha256(Path(folder) / ERASERS_FILE)
 
 
 def export_merged(pipe, erasers: str | Path, out: str | Path, config: MergeConfig | None = None,

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .attack import AttackConfig, check_attack_space, target_latents
 from .attack_suite import attack_plan, soft_attack_suite, suite_key
@@ -53,11 +54,15 @@ from .pipeline import default_model, load_pipeline
 from .sampling import SamplerSettings, generate_prompt_file, process_state, shard
 from .serialization import CHECKPOINT_FILE, CONFIG_FILE, atomic_write, read_tensors
 
+if TYPE_CHECKING:
+    from .merge import MergeConfig
+
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1  # of results.json; raised when a key changes meaning or goes away
 STAGES = ("latency", "attack", "two-object")  # what --skip may leave out
 SOURCES = ("erasers", "unet", "text_encoder", "lora")  # candidates made elsewhere
+EXPORT_FOLDER = "merged_unet"  # the run's merged export (ProtocolConfig.export)
 DETECT_BATCH = 16  # images per detector call (evaluate_images' default)
 # results.json keys that vary between identical runs: wall times, and fingerprints (they
 # hold the modification times of the erasers' files)
@@ -111,6 +116,9 @@ class ProtocolConfig:
     skip: tuple[str, ...] = ()  # stages left out (STAGES); their keys are null
     sample_steps: int | None = None  # denoising steps of every image (default: the model's)
     deterministic: bool = False  # torch.use_deterministic_algorithms(True) during the run
+    # After training, merge the erasers into the UNet's weights (`receler export` with these
+    # settings, into out/merged_unet) and measure the merged UNet instead of the erasers.
+    export: MergeConfig | None = None
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -122,6 +130,8 @@ class ProtocolConfig:
         if given and self.train is not None:
             raise ValueError(f"training settings were given, but with {flags[0]} nothing is "
                              "trained: drop them")
+        if self.export is not None:
+            check_export(self.method, given)
         if not given:
             self.method = self.method or "receler"
             self.train = self.train or TrainConfig(concepts=[self.concept])
@@ -135,6 +145,21 @@ class ProtocolConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.sample_steps is not None and self.sample_steps < 1:
             raise ValueError(f"sample_steps must be at least 1, got {self.sample_steps}")
+
+
+def check_export(method: str | None, sources: list[str]) -> None:
+    """Refuse a merged export (``--export``) of a run that trains nothing (``sources``: the
+    candidates given, :data:`SOURCES`) or whose method leaves no erasers to merge."""
+    from .methods import get_method
+
+    if sources:
+        raise ValueError(f"--export merges the erasers this run trains, but with --"
+                         f"{sources[0].replace('_', '-')} nothing is trained: export them with "
+                         "`receler export --erasers DIR --out UNET` and measure with --unet UNET")
+    if not get_method(method or "receler").uses_erasers:
+        raise ValueError(f"--export merges erasers, and --method {method} leaves none (its edit "
+                         "is already in the weights or the sampler): drop --export, or erase "
+                         "with a receler method")
 
 
 def skip_stages(skip: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -321,6 +346,66 @@ class Protocol:
                              "erase with these settings, or delete that folder")
         return finished, checkpointed
 
+    def check_export_folder(self) -> bool:
+        """Refuse a finished export in ``out/merged_unet`` made with other settings or from
+        other erasers; returns whether it has finished. (An unfinished export's checkpoint
+        is checked by the export itself when it resumes.)"""
+        from .merge import MERGE_FILE, resolved_config
+
+        if self.cfg.export is None:
+            return False
+        folder, erasers = self.cfg.out / EXPORT_FOLDER, self.cfg.out / "erasers"
+        if not (folder / MERGE_FILE).is_file():
+            return False
+        record = json.loads((folder / MERGE_FILE).read_text())
+        fix = f"choose another --out to export with these settings, or delete {folder}"
+        if (erasers / CONFIG_FILE).is_file():
+            from .methods.edits import EditConfig
+
+            asked = resolved_config(self.cfg.export, EditConfig.load(erasers / CONFIG_FILE))
+            changed = [k for k, v in asked.to_dict().items() if record["merge"].get(k) != v]
+            if changed:
+                raise ValueError(f"{folder} holds an export with {changed[0]}="
+                                 f"{record['merge'].get(changed[0])!r}, not "
+                                 f"{asked.to_dict()[changed[0]]!r}: {fix}")
+            from .merge import erasers_sha256
+
+            if record["source"]["sha256"] != erasers_sha256(erasers):
+                raise ValueError(f"{folder} merges other erasers than {erasers} holds: {fix}")
+        return True
+
+    def export_candidate(self) -> Candidate:
+        """The finished export of this run's erasers: the merged UNet swapped in for the
+        base one, with the compute of both stages (erase + export) as its stats."""
+        from .merge import MERGE_FILE
+
+        folder, erasers = self.cfg.out / EXPORT_FOLDER, self.cfg.out / "erasers"
+        record = json.loads((folder / MERGE_FILE).read_text())
+        erased = erase_candidate(self.cfg.method, erasers)
+        cand = resolve_candidate(self.cfg.concept, self.model, unet=str(folder))
+        first, second = erased.stats or {}, record["stats"]
+        stats = {k: first.get(k, 0) + second[k] for k in ("unet_forward", "unet_backward",
+                                                           "seconds")}
+        stats.update(trainable_parameters=second["trainable_parameters"], erase=first,
+                     export=second)
+        cand.kind, cand.method, cand.stats = "erase+export", self.cfg.method, stats
+        cand.name = self.cfg.name or f"{self.cfg.method} (exported)"
+        cand.identity.update(erasers=erased.identity, merge=record["merge"])
+        return cand
+
+    def finished_candidate(self) -> Candidate | None:
+        """What this run trains, once its training has finished; ``None`` before."""
+        from .merge import MERGE_FILE
+
+        erasers = self.cfg.out / "erasers"
+        if not (erasers / CONFIG_FILE).is_file():
+            return None
+        if self.cfg.export is None:
+            return erase_candidate(self.cfg.method, erasers)
+        if not (self.cfg.out / EXPORT_FOLDER / MERGE_FILE).is_file():
+            return None
+        return self.export_candidate()
+
     def erase(self, pipe) -> None:
         from .methods import erase_with, load_edit
 
@@ -333,6 +418,23 @@ class Protocol:
                        resume=checkpointed,
                        show_progress=self.show_progress)
         self.candidate = erase_candidate(self.cfg.method, out, name=self.cfg.name)
+        if self.cfg.export is not None:
+            self.export(pipe)
+
+    def export(self, pipe) -> None:
+        """Merge the finished erasers into the UNet's weights (resuming an interrupted
+        export) and swap the merged UNet in for the erasers."""
+        from .merge import export_merged, work_folder
+        from .methods import remove_edit
+
+        remove_edit(pipe)  # the export loads the erasers itself, and leaves pipe as it was
+        folder = self.cfg.out / EXPORT_FOLDER
+        if not self.check_export_folder():
+            resume = (work_folder(folder) / CHECKPOINT_FILE).is_file()
+            export_merged(pipe, self.cfg.out / "erasers", folder, self.cfg.export,
+                          resume=resume, show_progress=self.show_progress)
+        self.candidate = self.export_candidate()
+        self.candidate.apply(pipe)
 
     # -------------------------------------------------------------- image keys
     def check_images(self, which: str, *, record: bool = False) -> dict | None:
@@ -343,9 +445,7 @@ class Protocol:
         fix = (f"pass a --base-dir of its own for these settings, or delete {folder}"
                if which == "base" else f"choose another --out for this model, or delete {folder}")
         if which == "erased":
-            candidate = self.candidate
-            if candidate is None and (self.cfg.out / "erasers" / CONFIG_FILE).is_file():
-                candidate = erase_candidate(self.cfg.method, self.cfg.out / "erasers")
+            candidate = self.candidate or self.finished_candidate()
             if candidate is None:  # the erase stage has not finished: no image can be its
                 if (folder / KEY_FILE).is_file() or next(folder.rglob("*.png"), None):
                     raise ValueError(f"{folder} holds images of erasers that {self.cfg.out} "
@@ -369,6 +469,7 @@ class Protocol:
         self.show_progress = self.show_progress and state.is_local_main_process
         if self.candidate is None:
             self.check_erase_folder()  # before anything loads or is generated
+            self.check_export_folder()
         cfg.out.mkdir(parents=True, exist_ok=True)
         device = cfg.device or (state.device if split else None)  # split: a GPU per process
         pipe = self.timed("load", load_pipeline, self.model, device=device, dtype=cfg.dtype)
@@ -420,6 +521,12 @@ class Protocol:
         results["image_change_others"] = change
         results["base"] = summarise(base, base_attack)
         results["train"] = self.candidate.stats
+        if cfg.export is not None:  # what the export recorded: its settings and fidelity
+            from .merge import MERGE_FILE
+
+            record = json.loads((cfg.out / EXPORT_FOLDER / MERGE_FILE).read_text())
+            results["export"] = {k: record[k] for k in ("merge", "fidelity", "stats",
+                                                        "retain_prompts")}
         results.update(latency, base_images=str(self.folder("base")))
         results.update(concept=cfg.concept, erased=self.erased, method=self.method, name=self.candidate.name,
                        candidate=self.candidate.describe(), skipped=list(cfg.skip),
