@@ -175,7 +175,10 @@ def to_markdown(s: dict) -> str:
              f"{st['unet_backward']} backward passes, {st['seconds']:.0f} s. Retain prompts: "
              f"{len(m['retain_prompts'])} (with the empty prompt), weight "
              f"{cfg.get('retain_weight', 1.0):g}, distilled towards the "
-             f"{cfg.get('retain_target', 'erased')} model.", "",
+             f"{cfg.get('retain_target', 'erased')} model. The attacked prompt distilled "
+             "towards " + ("the erased model's ε of the plain concept prompt."
+                           if cfg.get("adv_target") == "concept" else
+                           "the erased model under the same soft tokens."), "",
              "Pixel Δ: the other classes' images against the base model's (mean |Δ| of the RGB "
              "values, 0–1, same prompts and seeds); two-object: the other object kept in prompts "
              "naming both.", "",

@@ -127,6 +127,38 @@ def test_retain_target_base_keeps_the_retain_prompts_near_the_base_model(pipe, e
     assert fid["base"]["kept"] > 0.1  # the concept is still distilled towards the erased model
 
 
+def test_adv_target_concept_distils_the_attacked_prompt_towards_the_plain_concept(
+        pipe, erasers_dir, tmp_path, monkeypatch):
+    """With ``adv_target='concept'`` the attacked row's target is the erased model's ε of
+    the concept's own row (the soft tokens should change nothing), one teacher pass fewer
+    per iteration; with 'erased' it is the erased model under the soft tokens."""
+    from receler.merge import MergeLoop
+
+    seen = []
+    original = MergeLoop.loss
+
+    def loss(self, student, teacher, erased):
+        seen.append(teacher.detach().clone())
+        return original(self, student, teacher, erased)
+
+    monkeypatch.setattr(MergeLoop, "loss", loss)
+    same, forward = {}, {}
+    for target in ("erased", "concept"):
+        seen.clear()
+        config = MergeConfig(**{**QUICK, "iterations": 3, "adv_steps": 2, "adv_target": target,
+                                "eval_trajectories": 0})
+        forward[target] = export_merged(pipe, erasers_dir, tmp_path / target, config,
+                                        show_progress=False).stats["unet_forward"]
+        # rows: car, "", the trajectory's prompt (unless one of those), the attacked prompt
+        same[target] = [torch.equal(teacher[-1], teacher[0]) for teacher in seen]
+    assert all(same["concept"]) and len(same["concept"]) == 3
+    # the first iteration's attack has nothing to move (the merged UNet is still the base)
+    assert not all(same["erased"][1:]), same
+    assert forward["erased"] - forward["concept"] == 3  # the attacked row's teacher pass
+    with pytest.raises(ValueError, match="adv_target must be 'erased' or 'concept'"):
+        MergeConfig(adv_target="base")
+
+
 def test_saved_folder_is_a_diffusers_unet_the_protocol_takes(pipe, erasers_dir, tmp_path,
                                                             tiny_model_dir):
     from receler.external import resolve_candidate

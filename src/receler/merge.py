@@ -43,6 +43,7 @@ trajectories, in ``merge_config.json``), and by ``receler protocol --unet OUT``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -134,6 +135,10 @@ class MergeConfig:
                            "then distilled too (0 = no attack)")
     adv_tokens: int = _f(8, "soft tokens after the concept's tokens (the protocol attacks 8)")
     adv_lr: float = _f(1e-2, "learning rate of the soft tokens (Adam)")
+    adv_target: str = _f("erased", "what the attacked concept prompt is distilled towards: "
+                                   "'erased' (the erased model under the same soft tokens) or "
+                                   "'concept' (the erased model's ε of the plain concept "
+                                   "prompt: the soft tokens should change nothing)")
     eval_trajectories: int = _f(2, "held-out trajectories per prompt for the final fidelity "
                                    "figures (0 = none)")
     seed: int = _f(0, "seed of every random draw of the export")
@@ -151,6 +156,8 @@ class MergeConfig:
             raise ValueError(f"eval_trajectories must be >= 0, got {self.eval_trajectories}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.adv_target not in ("erased", "concept"):
+            raise ValueError(f"adv_target must be 'erased' or 'concept', got {self.adv_target!r}")
         if self.retain_target not in ("erased", "base"):
             raise ValueError(f"retain_target must be 'erased' or 'base', got "
                              f"{self.retain_target!r}")
@@ -365,23 +372,31 @@ class MergeLoop(TrainingLoop):
         prompt, steps_done, z, t = self.sample_zt()  # the erased model's trajectory
         texts, cond = self.batch(prompt)
         erased = [x in self.concepts for x in texts]  # the rows distilled towards the erasers
-        losses = []
+        losses, copied = [], None  # copied: (attacked row, the concept's row it copies)
         if self.adv:  # the concepts take turns
             concept = self.concepts[self.iteration % len(self.concepts)]
             attacked, losses = self.attacked(concept, z, t)
+            if self.merge.adv_target == "concept":
+                copied = (len(texts), texts.index(concept))
             texts, cond = [*texts, f"{concept} + soft tokens"], cond.cat(attacked)
             erased.append(True)
         zb = z.expand(len(texts), *z.shape[1:])
         with torch.no_grad():
-            if self.merge.retain_target == "base":  # erased rows: erasers on; the rest: off
-                mask = torch.tensor(erased)
-                teacher = torch.empty_like(zb)
-                teacher[mask] = unet_eps(self.unet, zb[mask], t, cond.select(mask))
-                with erasers_disabled(self.unet):
-                    teacher[~mask] = unet_eps(self.unet, zb[~mask], t, cond.select(~mask))
-            else:
-                teacher = unet_eps(self.unet, zb, t, cond)  # erasers on: the erased model
-        self.passes(len(texts))
+            # erased rows: erasers on; the rest: on, or off when distilled towards the base;
+            # the attacked row's target copied from its concept's row (adv_target concept)
+            on = torch.tensor(erased) if self.merge.retain_target == "base" \
+                else torch.ones(len(texts), dtype=torch.bool)
+            run = torch.ones(len(texts), dtype=torch.bool)
+            if copied:
+                run[copied[0]] = False
+            teacher = torch.empty_like(zb)
+            for rows, erasers_on in ((on & run, True), (~on & run, False)):
+                if rows.any():
+                    with contextlib.nullcontext() if erasers_on else erasers_disabled(self.unet):
+                        teacher[rows] = unet_eps(self.unet, zb[rows], t, cond.select(rows))
+            if copied:
+                teacher[copied[0]] = teacher[copied[1]]
+        self.passes(int(run.sum()))
         loss = self.loss(self.student_eps(zb, t, cond).float(), teacher.float(), erased)
         self.update(loss, tuple(losses), samples=len(texts))
         return IterationResult(self.iteration, prompt, steps_done, int(t), loss.item(), 0.0,
@@ -433,8 +448,9 @@ class MergeLoop(TrainingLoop):
                              "with --overwrite")
         saved = {"retain_weight": 1.0, "retain_target": "erased", **meta["merge"]}
         asked = self.merge.to_dict()
+        saved.setdefault("adv_target", "erased")
         for key in ("lr", "params", "retain", "retain_weight", "retain_target", "ddim_steps", "start_guidance",
-                    "zt_reuse", "seed", "adv_steps", "adv_tokens", "adv_lr"):
+                    "zt_reuse", "seed", "adv_steps", "adv_tokens", "adv_lr", "adv_target"):
             if saved[key] != asked[key]:
                 raise ValueError(f"{path} was made with {key}={saved[key]!r}, not "
                                  f"{asked[key]!r}: resume with the same --{key.replace('_', '-')}"
