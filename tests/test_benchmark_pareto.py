@@ -123,3 +123,18 @@ def test_runs_made_before_the_key_get_their_image_change_from_the_folders(tmp_pa
     assert compare.pixel_change_others(res) == 0.25
     res["pixel_change_others"] = 0.5  # recorded by the protocol: read, not measured again
     assert pareto.row_of(run, res)["pixel_change"] == 0.5
+
+
+def test_a_folder_named_twice_is_counted_once(tmp_path, capsys):
+    """Two shell globs naming the same run (once by another path) must not pool its
+    attacked images twice."""
+    pareto = load_benchmark("pareto")
+    run = fake_run(tmp_path / "star" / "a", "star", 1.00, 0.30, 0.9)
+    other = fake_run(tmp_path / "star" / "b", "star", 1.00, 0.10, 0.9, seed=1)
+    out = tmp_path / "out"
+    again = tmp_path / "star" / ".." / "star" / "a"
+    assert pareto.main([str(run), str(other), str(again), "--out", str(out)]) == 0
+    assert "1 folder(s) named twice, counted once" in capsys.readouterr().err
+    assert len(json.loads((out / "pareto.json").read_text())) == 2
+    (pool,) = json.loads((out / "pooled.json").read_text())
+    assert pool["attack_n"] == 100
