@@ -48,7 +48,10 @@ def row_of(run: Path, res: dict) -> dict:
     conf = run / "erasers" / "eraser_config.json"  # the training seed, where one trained
     saved = json.loads(conf.read_text()) if conf.is_file() else {}
     seed = (saved.get("train") or {}).get("seed") if seeded(res.get("method")) else None
-    name = res.get("method") or run.name  # the label without seed or folder
+    # the label without seed or folder; the erasers merged into the UNet (`receler protocol
+    # --export`) are a model of their own, named so and never pooled with the erasers
+    export = (res.get("export") or {}).get("merge")
+    name = (res.get("name") if export else res.get("method")) or run.name
     row = {"method": name + (f" s{seed}" if seed is not None else ""), "name": name,
            "concept": res["concept"], "run": str(run), "seed": seed}
     # runs that differ only in the training seed pool (pooled()); others never do
@@ -62,7 +65,7 @@ def row_of(run: Path, res: dict) -> dict:
             pass
     train = {k: v for k, v in train.items() if k not in UNPOOLED}
     row["settings"] = json.dumps([res.get("method"), saved.get("rank"), saved.get("options"),
-                                  train, res.get("attack_space")], sort_keys=True) \
+                                  train, res.get("attack_space"), export], sort_keys=True) \
         if saved and seed is not None else str(run)
     for k in ("acc_e", "acc_r", "acc_l", "h", "two_object_locality"):
         row[k] = res.get(k)

@@ -138,3 +138,24 @@ def test_a_folder_named_twice_is_counted_once(tmp_path, capsys):
     assert len(json.loads((out / "pareto.json").read_text())) == 2
     (pool,) = json.loads((out / "pooled.json").read_text())
     assert pool["attack_n"] == 100
+
+
+def test_an_exported_run_is_its_own_model_not_pooled_with_the_erasers(tmp_path):
+    """`receler protocol --export` keeps the erasers' training settings in its folder: the
+    run is labelled by its name and pooled only with exports of the same settings."""
+    pareto = load_benchmark("pareto")
+    runs = [fake_run(tmp_path / "star" / f"r{s}", "star", 1.0, 0.5, 0.9, seed=s) for s in (1, 2)]
+    for s in (1, 2):
+        run = fake_run(tmp_path / "star" / f"x{s}", "star", 1.0, 0.0, 0.1, seed=s)
+        res = json.loads((run / "results.json").read_text())
+        res.update(name="receler (exported)", export={"merge": {"iterations": 600}})
+        (run / "results.json").write_text(json.dumps(res))
+        runs.append(run)
+    out = tmp_path / "out"
+    assert pareto.main([*map(str, runs), "--out", str(out)]) == 0
+    labels = sorted(r["method"] for r in json.loads((out / "pareto.json").read_text()))
+    assert labels == ["receler (exported) s1", "receler (exported) s2", "receler s1",
+                      "receler s2"]
+    pool = {p["method"]: p for p in json.loads((out / "pooled.json").read_text())}
+    assert pool["receler (exported)"]["attack"] == 0.0 and pool["receler"]["attack"] == 0.5
+    assert pool["receler (exported)"]["attack_n"] == pool["receler"]["attack_n"] == 100
