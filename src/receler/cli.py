@@ -163,11 +163,9 @@ def _add_export_parser(sub) -> None:
     x.add_argument("--out", required=True, type=Path,
                    help="folder of the merged UNet (for `receler protocol --unet OUT`)")
     _add_model_flags(x)  # --model: default the erasers' base model
-    hints = get_type_hints(MergeConfig)
+    types = MergeConfig.field_types()
     for f in fields(MergeConfig):
-        kind = hints[f.name]
-        conv = next(t for t in (int, float, str) if kind is t or t in getattr(kind, "__args__", ()))
-        x.add_argument("--" + f.name.replace("_", "-"), type=conv, default=None,
+        x.add_argument("--" + f.name.replace("_", "-"), type=types[f.name][0], default=None,
                        help=f.metadata["help"] + ("" if f.default is None
                                                     else f" (default: {f.default})"))
     x.add_argument("--resume", action="store_true", help="continue an interrupted export")
@@ -385,16 +383,17 @@ def cmd_protocol(args) -> int:
         raise ValueError("protocol measures one concept: pass --concept once")
     concept = args.concept[0]
     skip = _skip_stages(args.skip)  # before the training settings are announced
+    sources = [n for n in SOURCES if getattr(args, n) is not None]
+    source = sources[0] if sources else None
     export = None  # checked before the training settings are announced too
     if args.export:
         from .merge import MergeConfig
 
         export = MergeConfig.from_options(_method_options(args.export_option, "--export-option"))
-        check_export(args.method, [n for n in SOURCES if getattr(args, n) is not None])
+        check_export(args.method, sources)
     elif args.export_option:
         raise ValueError("--export-option sets the merged export, but without --export nothing "
                          "is exported: add --export")
-    source = next((n for n in SOURCES if getattr(args, n) is not None), None)
     if source is None:
         train = _train_config(args, [concept], args.method or "receler")
     else:  # nothing is trained: a training flag would be silently ignored

@@ -177,28 +177,35 @@ class MergeConfig:
         return asdict(self)
 
     @classmethod
-    def from_options(cls, options: dict[str, Any] | None) -> MergeConfig:
-        """The defaults with ``options`` (``{"iterations": 300}``) replacing them; an unknown
-        key or a value of the wrong type is a one-line error naming the choices."""
+    def field_types(cls) -> dict[str, tuple[type, bool]]:
+        """Each setting's scalar type (int, float or str) and whether it may be ``None``:
+        what ``receler export``'s flags and :meth:`from_options` accept."""
         from dataclasses import fields
         from typing import get_type_hints
 
-        options = dict(options or {})
         hints = get_type_hints(cls)
-        names = [f.name for f in fields(cls)]
+        out = {}
+        for f in fields(cls):
+            args = getattr(hints[f.name], "__args__", ())
+            kind = next(t for t in (int, float, str) if hints[f.name] is t or t in args)
+            out[f.name] = kind, type(None) in args
+        return out
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> MergeConfig:
+        """The defaults with ``options`` (``{"iterations": 300}``) replacing them; an unknown
+        key or a value of the wrong type is a one-line error naming the choices."""
+        types, options = cls.field_types(), dict(options or {})
+        what = {int: "an integer", float: "a number", str: "a string"}
         for key, value in options.items():
-            if key not in names:
-                raise ValueError(f"unknown export option {key!r}: choose from {', '.join(names)}")
-            kinds = [t for t in (int, float, str) if hints[key] is t
-                     or t in getattr(hints[key], "__args__", ())]
-            ok = isinstance(value, tuple(kinds)) and not isinstance(value, bool)
-            if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            if key not in types:
+                raise ValueError(f"unknown export option {key!r}: choose from {', '.join(types)}")
+            kind, optional = types[key]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = options[key] = float(value)
-                ok = True
-            if not ok and not (value is None and type(None) in getattr(hints[key], "__args__", ())):
-                what = {int: "an integer", float: "a number", str: "a string"}
-                raise ValueError(f"export option {key} takes {' or '.join(map(what.get, kinds))}"
-                                 f", got {value!r}")
+            if not (isinstance(value, kind) and not isinstance(value, bool)
+                    or value is None and optional):
+                raise ValueError(f"export option {key} takes {what[kind]}, got {value!r}")
         return cls(**options)
 
 
