@@ -350,37 +350,40 @@ class Protocol:
         """Refuse a finished export in ``out/merged_unet`` made with other settings or from
         other erasers; returns whether it has finished. (An unfinished export's checkpoint
         is checked by the export itself when it resumes.)"""
-        from .merge import MERGE_FILE, resolved_config
+        from .merge import erasers_sha256, resolved_config
 
-        if self.cfg.export is None:
+        record = self.export_record() if self.cfg.export is not None else None
+        if record is None:
             return False
         folder, erasers = self.cfg.out / EXPORT_FOLDER, self.cfg.out / "erasers"
-        if not (folder / MERGE_FILE).is_file():
-            return False
-        record = json.loads((folder / MERGE_FILE).read_text())
         fix = f"choose another --out to export with these settings, or delete {folder}"
         if (erasers / CONFIG_FILE).is_file():
             from .methods.edits import EditConfig
 
-            asked = resolved_config(self.cfg.export, EditConfig.load(erasers / CONFIG_FILE))
-            changed = [k for k, v in asked.to_dict().items() if record["merge"].get(k) != v]
+            asked = resolved_config(self.cfg.export,
+                                    EditConfig.load(erasers / CONFIG_FILE)).to_dict()
+            changed = [k for k, v in asked.items() if record["merge"].get(k) != v]
             if changed:
                 raise ValueError(f"{folder} holds an export with {changed[0]}="
                                  f"{record['merge'].get(changed[0])!r}, not "
-                                 f"{asked.to_dict()[changed[0]]!r}: {fix}")
-            from .merge import erasers_sha256
-
+                                 f"{asked[changed[0]]!r}: {fix}")
             if record["source"]["sha256"] != erasers_sha256(erasers):
                 raise ValueError(f"{folder} merges other erasers than {erasers} holds: {fix}")
         return True
 
-    def export_candidate(self) -> Candidate:
-        """The finished export of this run's erasers: the merged UNet swapped in for the
-        base one, with the compute of both stages (erase + export) as its stats."""
+    def export_record(self) -> dict | None:
+        """The finished export's ``merge_config.json`` (settings, source, stats, fidelity);
+        ``None`` before it has finished."""
         from .merge import MERGE_FILE
 
+        file = self.cfg.out / EXPORT_FOLDER / MERGE_FILE
+        return json.loads(file.read_text()) if file.is_file() else None
+
+    def export_candidate(self, record: dict) -> Candidate:
+        """The finished export of this run's erasers (``record``: its
+        :meth:`export_record`): the merged UNet swapped in for the base one, with the
+        compute of both stages (erase + export) as its stats."""
         folder, erasers = self.cfg.out / EXPORT_FOLDER, self.cfg.out / "erasers"
-        record = json.loads((folder / MERGE_FILE).read_text())
         erased = erase_candidate(self.cfg.method, erasers)
         cand = resolve_candidate(self.cfg.concept, self.model, unet=str(folder))
         first, second = erased.stats or {}, record["stats"]
@@ -395,31 +398,29 @@ class Protocol:
 
     def finished_candidate(self) -> Candidate | None:
         """What this run trains, once its training has finished; ``None`` before."""
-        from .merge import MERGE_FILE
-
         erasers = self.cfg.out / "erasers"
         if not (erasers / CONFIG_FILE).is_file():
             return None
         if self.cfg.export is None:
             return erase_candidate(self.cfg.method, erasers)
-        if not (self.cfg.out / EXPORT_FOLDER / MERGE_FILE).is_file():
-            return None
-        return self.export_candidate()
+        record = self.export_record()
+        return None if record is None else self.export_candidate(record)
 
     def erase(self, pipe) -> None:
         from .methods import erase_with, load_edit
 
         finished, checkpointed = self.check_erase_folder()
         out = self.cfg.out / "erasers"
-        if finished:
-            load_edit(pipe, out)
-        else:
+        if not finished:
             erase_with(self.cfg.method, pipe, self.cfg.train, out, base_model=self.model,
                        resume=checkpointed,
                        show_progress=self.show_progress)
-        self.candidate = erase_candidate(self.cfg.method, out, name=self.cfg.name)
+        elif self.cfg.export is None:  # an export loads the erasers itself
+            load_edit(pipe, out)
         if self.cfg.export is not None:
             self.export(pipe)
+        else:
+            self.candidate = erase_candidate(self.cfg.method, out, name=self.cfg.name)
 
     def export(self, pipe) -> None:
         """Merge the finished erasers into the UNet's weights (resuming an interrupted
@@ -427,13 +428,13 @@ class Protocol:
         from .merge import export_merged, work_folder
         from .methods import remove_edit
 
-        remove_edit(pipe)  # the export loads the erasers itself, and leaves pipe as it was
+        remove_edit(pipe)  # the erasers just trained: the export loads them itself
         folder = self.cfg.out / EXPORT_FOLDER
         if not self.check_export_folder():
             resume = (work_folder(folder) / CHECKPOINT_FILE).is_file()
             export_merged(pipe, self.cfg.out / "erasers", folder, self.cfg.export,
                           resume=resume, show_progress=self.show_progress)
-        self.candidate = self.export_candidate()
+        self.candidate = self.export_candidate(self.export_record())
         self.candidate.apply(pipe)
 
     # -------------------------------------------------------------- image keys
@@ -522,9 +523,7 @@ class Protocol:
         results["base"] = summarise(base, base_attack)
         results["train"] = self.candidate.stats
         if cfg.export is not None:  # what the export recorded: its settings and fidelity
-            from .merge import MERGE_FILE
-
-            record = json.loads((cfg.out / EXPORT_FOLDER / MERGE_FILE).read_text())
+            record = self.export_record()
             results["export"] = {k: record[k] for k in ("merge", "fidelity", "stats",
                                                         "retain_prompts")}
         results.update(latency, base_images=str(self.folder("base")))
