@@ -39,6 +39,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -119,19 +120,26 @@ def run_protocol(concept: str, method: str, out: Path, base: Path, flags: list[s
     return json.loads((out / "results.json").read_text()), usage.ru_maxrss / 1024
 
 
-def stale(out: Path, concept: str, method: str, flags: list[str], model: str | None) -> str | None:
-    """How a finished run folder differs from what these flags would run now (a training
-    setting of its erasers, or the size of its evaluation); ``None`` when it may be reused."""
+def protocol_args(out: Path, concept: str, method: str, flags: list[str], model: str | None):
+    """The ``receler protocol`` arguments these flags give, and the training settings they
+    ask for."""
     from receler.cli import _train_config, build_parser
-    from receler.methods.edits import EditConfig
-    from receler.methods.registry import settings_mismatch
-    from receler.serialization import CONFIG_FILE
 
     argv = ["protocol", "--concept", concept, "--method", method, "--out", str(out), *flags]
     args = build_parser().parse_args(argv + (["--model", model] if model else []))
     # quiet: no announcement of the model's recommendations (redirecting stderr instead
     # would swallow other jobs' output, stderr being shared by the threads)
-    train = _train_config(args, concept, method, quiet=True)
+    return args, _train_config(args, concept, method, quiet=True)
+
+
+def stale(out: Path, concept: str, method: str, flags: list[str], model: str | None) -> str | None:
+    """How a finished run folder differs from what these flags would run now (a training
+    setting of its erasers, or the size of its evaluation); ``None`` when it may be reused."""
+    from receler.methods.edits import EditConfig
+    from receler.methods.registry import settings_mismatch
+    from receler.serialization import CONFIG_FILE
+
+    args, train = protocol_args(out, concept, method, flags, model)
     why = settings_mismatch(method, train, EditConfig.load(out / "erasers" / CONFIG_FILE))
     if why:
         return why
@@ -169,7 +177,6 @@ def reuse_erasers(source: Path, out: Path, concept: str, method: str, flags: lis
     they were trained with the settings these flags ask for; whether they were copied."""
     import shutil
 
-    from receler.cli import _train_config, build_parser
     from receler.methods.edits import EditConfig
     from receler.methods.registry import settings_mismatch
     from receler.serialization import CONFIG_FILE
@@ -177,10 +184,8 @@ def reuse_erasers(source: Path, out: Path, concept: str, method: str, flags: lis
     src, dst = source / "erasers", out / "erasers"
     if not (src / CONFIG_FILE).is_file() or dst.exists():
         return False
-    argv = ["protocol", "--concept", concept, "--method", method, "--out", str(out), *flags]
-    args = build_parser().parse_args(argv + (["--model", model] if model else []))
-    if settings_mismatch(method, _train_config(args, concept, method, quiet=True),
-                         EditConfig.load(src / CONFIG_FILE)):
+    _, train = protocol_args(out, concept, method, flags, model)
+    if settings_mismatch(method, train, EditConfig.load(src / CONFIG_FILE)):
         return False
     tmp = out / ".erasers.copy"
     if tmp.exists():
@@ -289,24 +294,23 @@ def measure_alone(outs: list[Path], repeats: int) -> None:
             if model not in pipes:
                 pipes[model] = load_pipeline(model, device="cpu")
             pipe = pipes[model]
-            if res["candidate"]["kind"] == "erase+export":  # the merged UNet swapped in
+            exported = res["candidate"]["kind"] == "erase+export"
+            if exported:  # the merged UNet swapped in for the base one
                 from receler.external import resolve_candidate
                 from receler.protocol import EXPORT_FOLDER
 
                 swap = resolve_candidate(res["concept"], model, unet=str(out / EXPORT_FOLDER))
                 swap.apply(pipe)
-                try:
-                    lat = measure_latency(pipe, res["attack"]["prompt"],
-                                          SamplerSettings.for_model(model), repeats=repeats,
-                                          base=lambda swap=swap, pipe=pipe: swap.base(pipe))
-                finally:
-                    swap.remove(pipe)
             else:
                 load_edit(pipe, out / "erasers")
-                try:
-                    lat = measure_latency(pipe, res["attack"]["prompt"],
-                                          SamplerSettings.for_model(model), repeats=repeats)
-                finally:
+            try:  # the base model: the original UNet put back, or the edit disabled
+                lat = measure_latency(pipe, res["attack"]["prompt"],
+                                      SamplerSettings.for_model(model), repeats=repeats,
+                                      base=partial(swap.base, pipe) if exported else None)
+            finally:
+                if exported:
+                    swap.remove(pipe)
+                else:
                     remove_edit(pipe)
             lat.update(repeats=repeats, threads=torch.get_num_threads())
             text = json.dumps(lat, indent=2) + "\n"

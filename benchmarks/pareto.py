@@ -298,11 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     from receler.runs import read_results
 
     rows, features = [], {}
-    runs = list(dict.fromkeys(r.resolve() for r in args.runs))  # a folder named twice: once
-    if len(runs) < len(args.runs):
-        print(f"{len(args.runs) - len(runs)} folder(s) named twice, counted once",
+    first: dict[Path, Path] = {}  # a folder named twice (or by two paths): counted once
+    for run in args.runs:
+        first.setdefault(run.resolve(), run)
+    if len(first) < len(args.runs):
+        print(f"{len(args.runs) - len(first)} folder(s) named twice, counted once",
               file=sys.stderr)
-    for run in (next(r for r in args.runs if r.resolve() == x) for x in runs):
+    for run in first.values():
         if not (run / "results.json").is_file():
             print(f"skipped {run}: no results.json", file=sys.stderr)
             continue
