@@ -19,6 +19,12 @@ For every method, k and seed:
     python benchmarks/multi.py --methods receler,uce --k 1,3,5 --seeds 0 \\
         --work runs/multi --base-work runs/benchmark/full
 
+``receler-exported`` in ``--methods``: ``receler``'s eraser set of the same k and seed (trained
+first when missing) merged into the UNet's weights, ``receler export --erasers ERASERS --out
+WORK/receler-exported/kK_seedS/merged_unet`` with the export's defaults (``--export-flag``
+passes others), then ``receler protocol --unet`` for each erased concept; its cost is both
+stages'.
+
 Finished steps are reused, so a killed run resumes where it stopped. Writes ``multi.json``,
 ``multi.md`` and ``multi.png`` into ``--out`` (default benchmarks/results/multi).
 """
@@ -41,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 # benchmark first (their base folders exist), then classes no benchmark names.
 ORDER = ("star", "heart", "moon", "cross", "arrow", "ring", "square", "triangle", "diamond")
 SCALED = ("iterations", "adv_start")  # per-concept training settings, times k
+EXPORTED = "receler-exported"  # receler's erasers merged into the UNet (`receler export`)
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75)]
 
@@ -61,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", default="latency", help="protocol stages to leave out")
     p.add_argument("--erase-flag", action="append", default=[], metavar="FLAG",
                    help="passed to `receler erase` (e.g. --erase-flag=--rank=16)")
+    p.add_argument("--export-flag", action="append", default=[], metavar="FLAG",
+                   help=f"passed to `receler export` for {EXPORTED} "
+                        "(e.g. --export-flag=--iterations=1200)")
     p.add_argument("--protocol-flag", action="append", default=[], metavar="FLAG",
                    help="passed to every protocol run (e.g. --protocol-flag=--per-class=2)")
     p.add_argument("--collect", action="store_true",
@@ -84,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     for m in args.methods:
         try:
-            get_method(m)
+            get_method("receler" if m == EXPORTED else m)
         except ValueError as e:
             p.error(str(e))
     return args
@@ -120,7 +130,7 @@ def seeded(method: str) -> bool:
     """Whether the method's result depends on the training seed (UCE's does not)."""
     from receler.methods import get_method
 
-    return get_method(method).seeded
+    return get_method("receler" if method == EXPORTED else method).seeded
 
 
 def scaled_flags(method: str, k: int, model: str | None, given: list[str]) -> list[str]:
@@ -164,10 +174,40 @@ def erase_step(args, method: str, concepts: list[str], seed: int) -> Path:
     return out
 
 
+def export_step(args, erasers: Path, k: int, seed: int) -> Path:
+    """``receler export`` of ``erasers`` into ``WORK/receler-exported/kK_seedS/merged_unet``
+    (resumed from its checkpoint when killed)."""
+    from receler.merge import MERGE_FILE, work_folder
+    from receler.serialization import CHECKPOINT_FILE
+
+    out = folder(args, EXPORTED, k, seed) / "merged_unet"
+    if (out / MERGE_FILE).is_file():
+        return out
+    cmd = ["export", "--erasers", str(erasers), "--out", str(out), "--threads",
+           str(args.threads), "--quiet", *args.export_flag]
+    if args.model:
+        cmd += ["--model", args.model]
+    if (work_folder(out) / CHECKPOINT_FILE).is_file():
+        cmd.append("--resume")
+    run(cmd, out.parent / "export.log", args.threads)
+    return out
+
+
+def exported_cost(erasers: Path, merged: Path) -> dict:
+    """UNet passes and seconds of both stages: the erasers' training and the export."""
+    from receler.merge import MERGE_FILE
+    from receler.serialization import CONFIG_FILE
+
+    first = json.loads((erasers / CONFIG_FILE).read_text()).get("stats") or {}
+    second = json.loads((merged / MERGE_FILE).read_text())["stats"]
+    return {k: first.get(k, 0) + second[k] for k in ("unet_forward", "unet_backward", "seconds")}
+
+
 def measure_step(args, erasers: Path, concept: str) -> dict:
     out = erasers.parent / concept
     if not (out / "results.json").is_file():
-        cmd = ["protocol", "--concept", concept, "--erasers", str(erasers), "--out", str(out),
+        model = ["--unet" if erasers.name == "merged_unet" else "--erasers", str(erasers)]
+        cmd = ["protocol", "--concept", concept, *model, "--out", str(out),
                "--base-dir", str(args.base_work / concept / "base"), "--skip", args.skip,
                "--threads", str(args.threads), *args.protocol_flag]
         if args.model:
@@ -355,9 +395,17 @@ def main(argv=None) -> int:
                         print(f"{method} k={k} seed {seed}: not finished, left out", flush=True)
                         continue
                     results = [json.loads(f.read_text()) for f in done]
+                elif method == EXPORTED:
+                    erasers = erase_step(args, "receler", concepts, seed)
+                    merged = export_step(args, erasers, k, seed)
+                    results = [measure_step(args, merged, c) for c in concepts]
                 else:
                     erasers = erase_step(args, method, concepts, seed)
                     results = [measure_step(args, erasers, c) for c in concepts]
+                if method == EXPORTED:  # the protocol sees a UNet made elsewhere: no cost
+                    cost = exported_cost(folder(args, "receler", k, seed) / "erasers",
+                                         base / "merged_unet")
+                    results = [{**r, "train": cost} for r in results]
                 rows.append(row(method, k, seed, concepts, results))
                 write(rows, args.out)
                 r = rows[-1]

@@ -84,3 +84,34 @@ def test_k_concepts_are_erased_by_one_edit_and_measured_without_each_other(tmp_p
     assert [p.read_text() for p in logs] == before
     assert bench("--collect").returncode == 0
     assert json.loads((out / "multi.json").read_text()) == rows
+
+
+def test_exported_row_measures_the_merged_unet_of_receler_s_erasers(tmp_path):
+    """``receler-exported``: ``receler``'s eraser set of the same k and seed, merged into the
+    UNet by ``receler export``; each erased concept measured on the merged UNet with every
+    erased concept left out of Acc_L, and the cost of both stages in the row."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    erase = ["--iterations=2", "--adv-start=0", "--adv-steps=0", "--ddim-steps=3", "--rank=4",
+             "--base-images=1"]
+    proc = subprocess.run(
+        [sys.executable, str(MULTI), "--methods", "receler-exported", "--k", "2", "--seeds", "0",
+         "--order", "star,heart", "--work", str(work), "--base-work", str(tmp_path / "b"),
+         "--out", str(out), "--skip", "latency,two-object",
+         *(f"--protocol-flag={f}" for f in TINY), *(f"--erase-flag={f}" for f in erase),
+         "--export-flag=--iterations=2", "--export-flag=--adv-steps=1",
+         "--export-flag=--eval-trajectories=0"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    [row] = json.loads((out / "multi.json").read_text())
+    assert (row["method"], row["k"], row["concepts"]) == ("receler-exported", 2, ["star", "heart"])
+    erasers = json.loads((work / "receler" / "k2_seed0" / "erasers" / "eraser_config.json")
+                         .read_text())
+    merged = work / "receler-exported" / "k2_seed0"
+    export = json.loads((merged / "merged_unet" / "merge_config.json").read_text())
+    assert export["concepts"] == ["star", "heart"] and export["merge"]["iterations"] == 2
+    heart = json.loads((merged / "heart" / "results.json").read_text())
+    assert heart["erased"] == ["star", "heart"] and heart["candidate"]["kind"] == "unet"
+    assert row["acc_l_remaining_n"] == 8
+    both = (erasers["stats"]["unet_forward"] + erasers["stats"]["unet_backward"]
+            + export["stats"]["unet_forward"] + export["stats"]["unet_backward"])
+    assert row["unet_passes"] == both

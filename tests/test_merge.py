@@ -171,9 +171,28 @@ def test_saved_folder_is_a_diffusers_unet_the_protocol_takes(pipe, erasers_dir, 
     a, b = load_unet(tmp_path / "m"), load_unet(tmp_path / "m")
     assert torch.equal(eps(a, pipe, "car"), eps(b, pipe, "car"))
     candidate = resolve_candidate("car", str(tiny_model_dir), unet=str(tmp_path / "m"))
-    assert candidate.kind == "unet"
+    assert candidate.kind == "unet" and candidate.erased == ["car"]
     candidate.apply(pipe)
     assert torch.equal(eps(pipe.unet, pipe, "car"), eps(a, pipe, "car"))
+
+
+def test_a_merged_unet_of_several_concepts_leaves_all_out_of_locality(pipe, erasers_dir,
+                                                                      tmp_path, tiny_model_dir):
+    """The protocol measures a merged UNet's locality on the classes its erasers did not
+    erase, as it does for the erasers: ``merge_config.json`` names them; a concept the export
+    did not erase is refused, and a UNet made elsewhere erased the protocol's concept alone."""
+    from receler.external import resolve_candidate
+
+    export_merged(pipe, erasers_dir, tmp_path / "m", MergeConfig(**{**QUICK, "iterations": 1}),
+                  show_progress=False)
+    record = json.loads((tmp_path / "m" / MERGE_FILE).read_text())
+    (tmp_path / "m" / MERGE_FILE).write_text(json.dumps({**record, "concepts": ["car", "truck"]}))
+    model = str(tiny_model_dir)
+    assert resolve_candidate("truck", model, unet=str(tmp_path / "m")).erased == ["car", "truck"]
+    with pytest.raises(ValueError, match=r"exported from erasers of \['car', 'truck'\], not 'dog'"):
+        resolve_candidate("dog", model, unet=str(tmp_path / "m"))
+    (tmp_path / "m" / MERGE_FILE).unlink()
+    assert resolve_candidate("dog", model, unet=str(tmp_path / "m")).erased == []
 
 
 @pytest.mark.parametrize("adv_steps", [0, 2])  # 2: the soft prompts are checkpointed too

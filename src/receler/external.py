@@ -45,6 +45,7 @@ class Candidate:
     name: str  # the label in results.json and the leaderboard
     identity: dict[str, Any] = field(default_factory=dict)  # sources and fingerprints
     stats: dict[str, Any] | None = None  # compute spent training it, when known
+    erased: list[str] = field(default_factory=list)  # every concept it erased, when known
 
     def apply(self, pipe) -> None:
         raise NotImplementedError
@@ -70,7 +71,6 @@ class EditCandidate(Candidate):
     """A folder written by ``receler erase`` (or by the protocol's own erase stage)."""
 
     folder: Path | None = None
-    erased: list[str] = field(default_factory=list)  # every concept the folder erased
 
     def apply(self, pipe) -> None:
         from .methods import load_edit
@@ -199,7 +199,28 @@ def resolve_candidate(concept: str, model: str, *, erasers: str | Path | None = 
         identity[part] = {"source": src, "subfolder": sub, "fingerprint": _fingerprint(path, sub)}
     kind = "+".join(p.replace("_", "-") for p in parts)
     label = name or "+".join(f"{p.replace('_', '-')}:{Path(s).name or s}" for p, s in parts.items())
-    return SwapCandidate(kind=kind, method=kind, name=label, identity=identity, sources=sources)
+    return SwapCandidate(kind=kind, method=kind, name=label, identity=identity, sources=sources,
+                         erased=merged_concepts(concept, sources.get("unet")))
+
+
+def merged_concepts(concept: str, source: tuple[str, str | None] | None) -> list[str]:
+    """Every concept a UNet made by ``receler export`` erased (its ``merge_config.json``),
+    so that Acc_L leaves all of them out, as it does for their erasers; ``[]`` for any other
+    UNet (the protocol's concept alone)."""
+    from .merge import MERGE_FILE
+
+    if source is None:
+        return []
+    path, sub = source
+    file = Path(path) / (sub or "") / MERGE_FILE
+    if not file.is_file():
+        return []
+    concepts = list(json.loads(file.read_text()).get("concepts") or [])
+    if concepts and concept not in concepts:
+        raise ValueError(f"--unet {path} was exported from erasers of {concepts}, not "
+                         f"{concept!r}: pass --concept {concepts[0]!r} or the export of "
+                         f"{concept!r}'s erasers")
+    return concepts
 
 
 def _erasers_candidate(folder: Path, concept: str, method: str | None,
