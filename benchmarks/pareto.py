@@ -15,6 +15,12 @@ differ only in their training seed pooled: attacked images summed, the rest aver
 ``pareto_<concept>.png`` (Acc_L across, attack success up; 95% intervals as bars; the
 front's points ringed). Folders without ``results.json`` (base folders, unfinished runs)
 are skipped with their names printed.
+
+The cost of robustness: the pooled runs that erase and keep the other classes (Acc_L at
+least ``LOCAL``) as attack success at 3× the budget against the UNet passes their training
+took (forward and backward; 0 for closed-form edits), the front where no run is both
+cheaper (or as cheap) and more robust (or as robust), in ``pareto.md`` and
+``cost_<concept>.png``, with a line at 1.5× ESD-x's passes where ESD-x was run.
 """
 
 from __future__ import annotations
@@ -69,6 +75,9 @@ def row_of(run: Path, res: dict) -> dict:
         if saved and seed is not None else str(run)
     for k in ("acc_e", "acc_r", "acc_l", "h", "two_object_locality"):
         row[k] = res.get(k)
+    train = res.get("train") or {}  # both stages of an exported run; none for a model made elsewhere
+    row["unet_passes"] = (train["unet_forward"] + train["unet_backward"]
+                          if "unet_forward" in train else 0 if train else None)
     # the other classes' image change (runs before the protocol recorded it: run_image_change())
     row["pixel_change"] = res.get("pixel_change_others")
     row["feature_change"] = res.get("feature_change_others")
@@ -80,6 +89,8 @@ def row_of(run: Path, res: dict) -> dict:
 
 
 ERASES = 0.5  # a run with Acc_E above this does not erase: it is listed, never on the front
+LOCAL = 0.97  # the Acc_L a run must keep to be on the cost front (the robustness goal's)
+BUDGET = 1.5  # the training cost allowed, in multiples of ESD-x's UNet passes (drawn)
 # training settings that do not make two runs different settings: pooled over
 UNPOOLED = ("seed", "checkpoint_every", "mask_image_every")
 
@@ -107,7 +118,7 @@ def pooled(rows: list[dict]) -> list[dict]:
                "seeds": sorted(r["seed"] for r in runs if r["seed"] is not None),
                "runs": [r["run"] for r in runs],
                **{k: mean(k) for k in ("acc_e", "acc_r", "acc_l", "h", "two_object_locality",
-                                       "pixel_change", "feature_change")},
+                                       "pixel_change", "feature_change", "unet_passes")},
                "acc_l_min": min((r["acc_l"] for r in runs if r["acc_l"] is not None),
                                 default=None)}
         for s in ("", "_3x"):
@@ -161,6 +172,29 @@ def mark_front(rows: list[dict], attack: str = "attack") -> None:
             and (o["acc_l"] > r["acc_l"] or o[attack] < r[attack]) for o in rows)
 
 
+def mark_cost_front(pool: list[dict]) -> None:
+    """``on_cost_front`` of pooled rows: among those that erase (Acc_E ≤ ``ERASES``) and keep
+    Acc_L ≥ ``LOCAL``, no other run of the concept takes as few UNet passes or fewer and
+    lets the 3× attack win as rarely or more rarely, one of them strictly."""
+    def fits(r):
+        return (r["acc_l"] is not None and r["acc_l"] >= LOCAL and (r["acc_e"] or 0) <= ERASES
+                and r["attack_3x"] is not None and r["unet_passes"] is not None)
+
+    for r in pool:
+        r["on_cost_front"] = fits(r) and not any(
+            o is not r and fits(o) and o["concept"] == r["concept"]
+            and o["unet_passes"] <= r["unet_passes"] and o["attack_3x"] <= r["attack_3x"]
+            and (o["unet_passes"] < r["unet_passes"] or o["attack_3x"] < r["attack_3x"])
+            for o in pool)
+
+
+def esd_x_passes(pool: list[dict], concept: str) -> float | None:
+    """ESD-x's mean UNet passes on the concept (its pooled runs), the cost yardstick."""
+    mine = [p["unet_passes"] for p in pool if p["concept"] == concept
+            and p["method"].split(" ")[0] == "esd-x" and p["unet_passes"]]
+    return sum(mine) / len(mine) if mine else None
+
+
 def to_markdown(rows: list[dict]) -> str:
     def rate(r, s):
         if r[f"attack{s}"] is None:
@@ -211,6 +245,28 @@ def to_markdown(rows: list[dict]) -> str:
                          f"{num(p['pixel_change'], 3)} | {num(p['feature_change'], 4)} | "
                          f"{num(p['h'])} | {num(p['two_object_locality'])} | {rate(p, '')} | "
                          f"{rate(p, '_3x')} |")
+        lines.append("")
+    mark_cost_front(pool)
+    lines += ["## The cost of robustness", "",
+              f"Pooled runs that erase and keep Acc_L ≥ {LOCAL}: the 3× attack against the "
+              "UNet passes of their training (both stages of an exported run; 0 for "
+              "closed-form edits). **front**: no such run of the concept is as cheap or "
+              f"cheaper and as robust or more, one strictly. **× ESD-x**: passes over "
+              f"ESD-x's on the concept (the goal allows {BUDGET}×).", ""]
+    for concept in dict.fromkeys(p["concept"] for p in pool):
+        esd = esd_x_passes(pool, concept)
+        fit = sorted((p for p in pool if p["concept"] == concept and p["unet_passes"] is not None
+                      and p["acc_l"] is not None and p["acc_l"] >= LOCAL
+                      and (p["acc_e"] or 0) <= ERASES), key=lambda p: p["unet_passes"])
+        if not fit:
+            continue
+        lines += [f"### {concept}", "", "| run | seeds | UNet passes | × ESD-x | Acc_L | attack "
+                  "3× | front |", "|---|---|---|---|---|---|---|"]
+        for p in fit:
+            times = f"{p['unet_passes'] / esd:.2f}" if esd else "–"
+            lines.append(f"| {p['method']} | {', '.join(map(str, p['seeds'])) or '–'} | "
+                         f"{p['unet_passes']:,.0f} | {times} | {num(p['acc_l'])} | "
+                         f"{rate(p, '_3x')} | {'yes' if p['on_cost_front'] else ''} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -271,6 +327,42 @@ def to_picture(rows: list[dict], concept: str, size: tuple[int, int] = (760, 460
     return img
 
 
+def cost_picture(pool: list[dict], concept: str, size: tuple[int, int] = (760, 460)
+                 ) -> Image.Image:
+    """UNet passes across, the 3× attack up (0-1, intervals as bars), for the pooled runs
+    that erase and keep Acc_L ≥ ``LOCAL``; the cost front ringed, and a dashed line at
+    ``BUDGET``× ESD-x's passes."""
+    mine = [p for p in pool if p["concept"] == concept and p["unet_passes"] is not None
+            and p["attack_3x"] is not None and p["acc_l"] is not None and p["acc_l"] >= LOCAL
+            and (p["acc_e"] or 0) <= ERASES]
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = 60, 30, w - 290, h - 50
+    d.rectangle((x0, y0, x1, y1), outline="black")
+    d.text((x0, 8), f"{concept}: attack success at 3x budget against training UNet passes "
+                    f"(Acc_L >= {LOCAL})", fill="black")
+    esd = esd_x_passes(pool, concept)
+    hi = max([p["unet_passes"] for p in mine] + [BUDGET * (esd or 0), 1.0]) * 1.05
+    x, y = rate_axes(d, (x0, y0, x1, y1), 0.0, hi, "{:,.0f}")
+    d.text(((x0 + x1) // 2 - 30, y1 + 24), "UNet passes", fill="black")
+    if esd:
+        for yy in range(y0, y1, 8):
+            d.line((x(BUDGET * esd), yy, x(BUDGET * esd), yy + 4), fill=(120, 120, 120))
+        d.text((x(BUDGET * esd) + 3, y0 + 3), f"{BUDGET}x ESD-x", fill=(120, 120, 120))
+    for i, p in enumerate(mine):
+        col = COLOURS[i % len(COLOURS)]
+        px, py = x(p["unet_passes"]), y(p["attack_3x"])
+        if p["attack_3x_ci"]:
+            d.line((px, y(p["attack_3x_ci"][0]), px, y(p["attack_3x_ci"][1])), fill=col)
+        d.ellipse((px - 4, py - 4, px + 4, py + 4), fill=col)
+        if p.get("on_cost_front"):
+            d.ellipse((px - 7, py - 7, px + 7, py + 7), outline="black")
+        d.rectangle((x1 + 12, y0 + 18 * i + 3, x1 + 22, y0 + 18 * i + 13), fill=col)
+        d.text((x1 + 28, y0 + 18 * i), p["method"][:42], fill="black")
+    return img
+
+
 def write(rows: list[dict], out: Path) -> list[Path]:
     from receler.serialization import atomic_write
 
@@ -278,14 +370,20 @@ def write(rows: list[dict], out: Path) -> list[Path]:
     paths = [out / "pareto.json", out / "pareto.md", out / "pooled.json"]
     text = json.dumps(rows, indent=2) + "\n"
     atomic_write(paths[0], lambda tmp: tmp.write_text(text))
-    pool = json.dumps(pooled(rows), indent=2) + "\n"
-    atomic_write(paths[2], lambda tmp: tmp.write_text(pool))
+    pool = pooled(rows)
+    mark_cost_front(pool)
+    text_pool = json.dumps(pool, indent=2) + "\n"
+    atomic_write(paths[2], lambda tmp: tmp.write_text(text_pool))
     md = to_markdown(rows) + "\n"
     atomic_write(paths[1], lambda tmp: tmp.write_text(md))
     for concept in dict.fromkeys(r["concept"] for r in rows):
         p = out / f"pareto_{concept}.png"
         atomic_write(p, lambda tmp, c=concept: to_picture(rows, c).save(tmp, "PNG"))
         paths.append(p)
+        if any(q["concept"] == concept and q["on_cost_front"] for q in pool):
+            p = out / f"cost_{concept}.png"
+            atomic_write(p, lambda tmp, c=concept: cost_picture(pool, c).save(tmp, "PNG"))
+            paths.append(p)
     return paths
 
 

@@ -10,13 +10,18 @@ from conftest import load_benchmark
 from PIL import Image
 
 
-def fake_run(folder, concept, acc_l, attack, attack_3x, seed=0, method="receler", **train):
-    """A results.json with the keys the front reads (what a protocol run writes)."""
+def fake_run(folder, concept, acc_l, attack, attack_3x, seed=0, method="receler", passes=None,
+             **train):
+    """A results.json with the keys the front reads (what a protocol run writes); ``passes``:
+    the training's UNet forward passes (none recorded when ``None``)."""
     folder.mkdir(parents=True)
+    cost = {} if passes is None else {"train": {"unet_forward": passes, "unet_backward": 0,
+                                                "seconds": 1.0}}
     (folder / "results.json").write_text(json.dumps({
         "concept": concept, "method": method, "acc_e": 0.0, "acc_r": 0.0, "acc_l": acc_l, "h": 0.9,
         "attack_success_soft": attack, "attack_n": 50, "attack_ci": [0.0, 0.1],
-        "attack_success_soft_3x": attack_3x, "attack_n_3x": 50, "attack_ci_3x": [0.0, 0.2]}))
+        "attack_success_soft_3x": attack_3x, "attack_n_3x": 50, "attack_ci_3x": [0.0, 0.2],
+        **cost}))
     (folder / "erasers").mkdir()
     (folder / "erasers" / "eraser_config.json").write_text(
         json.dumps({"train": {"seed": seed, **train}}))
@@ -159,3 +164,28 @@ def test_an_exported_run_is_its_own_model_not_pooled_with_the_erasers(tmp_path):
     pool = {p["method"]: p for p in json.loads((out / "pooled.json").read_text())}
     assert pool["receler (exported)"]["attack"] == 0.0 and pool["receler"]["attack"] == 0.5
     assert pool["receler (exported)"]["attack_n"] == pool["receler"]["attack_n"] == 100
+
+
+def test_cost_front_weighs_the_stronger_attack_against_training_passes(tmp_path):
+    """Pooled runs that erase and keep Acc_L ≥ 0.97: on the cost front when none is as cheap
+    and as robust at 3× the budget; ESD-x's passes are the yardstick."""
+    pareto = load_benchmark("pareto")
+    runs = [fake_run(tmp_path / "esd", "star", 1.00, 0.5, 0.8, method="esd-x", passes=8000),
+            fake_run(tmp_path / "r1", "star", 1.00, 0.1, 0.5, seed=1, passes=12000),
+            fake_run(tmp_path / "r2", "star", 1.00, 0.1, 0.3, seed=2, passes=12000),
+            fake_run(tmp_path / "x", "star", 0.98, 0.0, 0.0, seed=1, passes=48000, rank=8),
+            fake_run(tmp_path / "slow", "star", 1.00, 0.1, 0.6, seed=1, passes=60000, rank=4),
+            fake_run(tmp_path / "broad", "star", 0.90, 0.0, 0.0, seed=1, passes=100, rank=2),
+            fake_run(tmp_path / "uce", "star", 1.00, 1.0, 1.0, method="uce", passes=0)]
+    out = tmp_path / "out"
+    assert pareto.main([*map(str, runs), "--out", str(out)]) == 0
+    pool = {p["runs"][0].split("/")[-1]: p for p in json.loads((out / "pooled.json").read_text())}
+    assert pool["r1"]["unet_passes"] == 12000 and pool["r1"]["attack_3x"] == pytest.approx(0.4)
+    front = {name for name, p in pool.items() if p["on_cost_front"]}
+    # uce: cheapest; esd-x dominated by nothing cheaper; slow: dominated by r1 (cheaper, as
+    # robust); broad: loses locality, never on it
+    assert front == {"uce", "esd", "r1", "x"}
+    md = (out / "pareto.md").read_text()
+    assert "## The cost of robustness" in md and "| 48,000 | 6.00 |" in md
+    assert "broad" not in md.split("## The cost of robustness")[1]
+    assert Image.open(out / "cost_star.png").size == (760, 460)
