@@ -165,3 +165,24 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tiny_model_dir,
     args[args.index("--iterations") + 1] = str(log.read_text().count("\n") + 1)
     receler(*args)
     assert (out / ERASERS_FILE).is_file()
+
+
+def test_every_setting_flag_converts_to_its_field_type():
+    """Each `receler erase` / `receler export` flag parses its value as the setting's type
+    (``int | None`` an int, a string a string), read from the annotation, not its text."""
+    from typing import get_type_hints
+
+    from receler.cli import build_parser
+    from receler.config import TrainConfig, scalar_type
+
+    assert scalar_type(get_type_hints(TrainConfig)["mask_resolution"]) == (int, True)
+    assert scalar_type(str) == (str, False) and scalar_type(float | None) == (float, True)
+    with pytest.raises(TypeError, match="has no flag"):
+        scalar_type(list[str])
+    args = build_parser().parse_args(["erase", "--concept", "x", "--out", "o",
+                                      "--mask-resolution", "8", "--anchors", "7", "--lr", "1"])
+    assert (args.mask_resolution, args.anchors, args.lr) == (8, "7", 1.0)
+    assert isinstance(args.lr, float)
+    export = build_parser().parse_args(["export", "--erasers", "e", "--out", "o", "--ddim-steps",
+                                        "4", "--retain", "5"])
+    assert (export.ddim_steps, export.retain) == (4, "5")

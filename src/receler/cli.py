@@ -33,7 +33,7 @@ EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from .config import TrainConfig, model_erase_defaults
+    from .config import TrainConfig, model_erase_defaults, scalar_type
 
     try:  # what the toy model recommends instead, to show beside the paper's defaults
         from .pipeline import default_model
@@ -44,13 +44,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         if f.name == "concepts":
             continue
-        kind = hints[f.name]
-        conv = {int: int, float: float, str: str}.get(kind, int if "int" in str(kind) else float)
         note = f"; the toy model recommends {toy[f.name]}" if f.name in toy else ""
-        p.add_argument("--" + f.name.replace("_", "-"), type=conv, default=None,
-                       help=f"{f.metadata['help']} (default: {f.default}{note})")
-
-
+        p.add_argument("--" + f.name.replace("_", "-"), type=scalar_type(hints[f.name])[0],
+                       default=None, help=f"{f.metadata['help']} (default: {f.default}{note})")
 
 
 def _add_concept_flag(p: argparse.ArgumentParser, what: str) -> None:

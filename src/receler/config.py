@@ -19,6 +19,21 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def scalar_type(hint: Any) -> tuple[type, bool]:
+    """The scalar type (int, float or str) of a settings field's resolved annotation
+    (``typing.get_type_hints``) and whether it may be ``None``: what a flag converts its
+    value with."""
+    import types
+    import typing
+
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = typing.get_args(hint) if union else ()
+    kind = next((t for t in (int, float, str) if hint is t or t in args), None)
+    if kind is None:
+        raise TypeError(f"a setting of type {hint} has no flag: use int, float or str")
+    return kind, type(None) in args
+
+
 def parse_concepts(text: str | list[str]) -> list[str]:
     """Concepts to erase: a list is taken as it is, each item one concept (commas kept, as
     the reference code erases ``"red, cat"`` as one prompt); a string is split on commas
