@@ -183,13 +183,10 @@ class MergeConfig:
         from dataclasses import fields
         from typing import get_type_hints
 
+        from .config import scalar_type
+
         hints = get_type_hints(cls)
-        out = {}
-        for f in fields(cls):
-            args = getattr(hints[f.name], "__args__", ())
-            kind = next(t for t in (int, float, str) if hints[f.name] is t or t in args)
-            out[f.name] = kind, type(None) in args
-        return out
+        return {f.name: scalar_type(hints[f.name]) for f in fields(cls)}
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> MergeConfig:
