@@ -23,7 +23,7 @@ as the eraser trainer draws it (:meth:`receler.loop.TrainingLoop.sample_zt`: DDI
 trajectories, here of the erased model, round robin over the erased concepts and the
 retain prompts), and every batch holds ``z_t`` under the erased concepts, the empty prompt
 (the guidance's unconditional branch) and the prompt whose trajectory gave ``z_t``. With
-``adv_steps`` (5 by default), the batch also holds the concept under a soft prompt that is
+``adv_steps`` (20 by default), the batch also holds the concept under a soft prompt that is
 attacked before each step, as the protocol's soft-prompt attack does, against the merged
 UNet (towards the base model's ``ε(c)``): the merge is distilled where an attacker would
 push it too. Without it the merged UNet gave way to long attacks (docs/merge.md).
@@ -108,7 +108,8 @@ class MergeConfig:
     """Settings of ``receler export``. ``None`` takes the erasers' own training setting. The
     defaults did best in a sweep on the toy model (docs/merge.md); ``retain_weight`` 20 and
     ``retain_target`` 'base' since 2026-12-06, when weight 1 towards the erased model lost
-    heart's neighbours."""
+    heart's neighbours; ``adv_steps`` 20 (was 5) since 2026-12-06, when 5 let a 300-step
+    attack win back 0.15 of heart's attacked images (docs/merge.md)."""
 
     iterations: int = _f(600, "distillation iterations (one z_t each)")
     lr: float = _f(3e-4, "learning rate of the merged weights (Adam)")
@@ -130,7 +131,7 @@ class MergeConfig:
     start_guidance: float | None = _f(None, "guidance of the z_t sampler (default: the "
                                             "erasers')")
     zt_reuse: int = _f(5, "iterations that draw z_t from one cached trajectory of a prompt")
-    adv_steps: int = _f(5, "soft-prompt attack steps per iteration against the merged UNet "
+    adv_steps: int = _f(20, "soft-prompt attack steps per iteration against the merged UNet "
                            "(towards the base model's ε(c)); the attacked concept prompt is "
                            "then distilled too (0 = no attack)")
     adv_tokens: int = _f(8, "soft tokens after the concept's tokens (the protocol attacks 8)")
