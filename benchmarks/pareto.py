@@ -172,14 +172,17 @@ def mark_front(rows: list[dict], attack: str = "attack") -> None:
             and (o["acc_l"] > r["acc_l"] or o[attack] < r[attack]) for o in rows)
 
 
-def mark_cost_front(pool: list[dict]) -> None:
-    """``on_cost_front`` of pooled rows: among those that erase (Acc_E ≤ ``ERASES``) and keep
-    Acc_L ≥ ``LOCAL``, no other run of the concept takes as few UNet passes or fewer and
-    lets the 3× attack win as rarely or more rarely, one of them strictly."""
-    def fits(r):
-        return (r["acc_l"] is not None and r["acc_l"] >= LOCAL and (r["acc_e"] or 0) <= ERASES
-                and r["attack_3x"] is not None and r["unet_passes"] is not None)
+def fits(r: dict) -> bool:
+    """Whether a pooled row is weighed on the cost front: it erases (Acc_E ≤ ``ERASES``),
+    keeps Acc_L ≥ ``LOCAL``, and has both its training's passes and the 3× attack."""
+    return (r["acc_l"] is not None and r["acc_l"] >= LOCAL and (r["acc_e"] or 0) <= ERASES
+            and r["attack_3x"] is not None and r["unet_passes"] is not None)
 
+
+def mark_cost_front(pool: list[dict]) -> None:
+    """``on_cost_front`` of pooled rows: among those that :func:`fits`, no other run of the
+    concept takes as few UNet passes or fewer and lets the 3× attack win as rarely or more
+    rarely, one of them strictly."""
     for r in pool:
         r["on_cost_front"] = fits(r) and not any(
             o is not r and fits(o) and o["concept"] == r["concept"]
@@ -255,9 +258,8 @@ def to_markdown(rows: list[dict]) -> str:
               f"ESD-x's on the concept (the goal allows {BUDGET}×).", ""]
     for concept in dict.fromkeys(p["concept"] for p in pool):
         esd = esd_x_passes(pool, concept)
-        fit = sorted((p for p in pool if p["concept"] == concept and p["unet_passes"] is not None
-                      and p["acc_l"] is not None and p["acc_l"] >= LOCAL
-                      and (p["acc_e"] or 0) <= ERASES), key=lambda p: p["unet_passes"])
+        fit = sorted((p for p in pool if p["concept"] == concept and fits(p)),
+                     key=lambda p: p["unet_passes"])
         if not fit:
             continue
         lines += [f"### {concept}", "", "| run | seeds | UNet passes | × ESD-x | Acc_L | attack "
@@ -291,19 +293,26 @@ def rate_axes(d, box: tuple[int, int, int, int], lo: float, hi: float, fmt: str)
     return x, y
 
 
+def panel(size: tuple[int, int], title: str):
+    """A white picture with the plot's frame (room for the legend on the right) and its
+    title; returns the picture, its drawing context and the frame (x0, y0, x1, y1)."""
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    box = (60, 30, w - 290, h - 50)
+    d.rectangle(box, outline="black")
+    d.text((box[0], 8), title, fill="black")
+    return img, d, box
+
+
 def to_picture(rows: list[dict], concept: str, size: tuple[int, int] = (760, 460)
                ) -> Image.Image:
     """Acc_L across (its range, padded), attack success up (0-1); filled dots at the
     evaluation's budget, hollow at 3×, joined per run; intervals as bars."""
     mine = [r for r in rows if r["concept"] == concept and r["acc_l"] is not None
             and r["attack"] is not None]
-    w, h = size
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    x0, y0, x1, y1 = 60, 30, w - 290, h - 50
-    d.rectangle((x0, y0, x1, y1), outline="black")
-    d.text((x0, 8), f"{concept}: attack success (filled: eval budget, hollow: 3x) against "
-                    "Acc_L", fill="black")
+    img, d, (x0, y0, x1, y1) = panel(size, f"{concept}: attack success (filled: eval "
+                                           "budget, hollow: 3x) against Acc_L")
     lo = min([r["acc_l"] for r in mine] + [0.9]) - 0.02
     x, y = rate_axes(d, (x0, y0, x1, y1), lo, 1.0 + 0.01, "{:.2f}")
     d.text(((x0 + x1) // 2 - 20, y1 + 24), "Acc_L", fill="black")
@@ -332,16 +341,9 @@ def cost_picture(pool: list[dict], concept: str, size: tuple[int, int] = (760, 4
     """UNet passes across, the 3× attack up (0-1, intervals as bars), for the pooled runs
     that erase and keep Acc_L ≥ ``LOCAL``; the cost front ringed, and a dashed line at
     ``BUDGET``× ESD-x's passes."""
-    mine = [p for p in pool if p["concept"] == concept and p["unet_passes"] is not None
-            and p["attack_3x"] is not None and p["acc_l"] is not None and p["acc_l"] >= LOCAL
-            and (p["acc_e"] or 0) <= ERASES]
-    w, h = size
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    x0, y0, x1, y1 = 60, 30, w - 290, h - 50
-    d.rectangle((x0, y0, x1, y1), outline="black")
-    d.text((x0, 8), f"{concept}: attack success at 3x budget against training UNet passes "
-                    f"(Acc_L >= {LOCAL})", fill="black")
+    mine = [p for p in pool if p["concept"] == concept and fits(p)]
+    img, d, (x0, y0, x1, y1) = panel(size, f"{concept}: attack success at 3x budget against "
+                                           f"training UNet passes (Acc_L >= {LOCAL})")
     esd = esd_x_passes(pool, concept)
     hi = max([p["unet_passes"] for p in mine] + [BUDGET * (esd or 0), 1.0]) * 1.05
     x, y = rate_axes(d, (x0, y0, x1, y1), 0.0, hi, "{:,.0f}")
