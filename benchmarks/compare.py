@@ -323,11 +323,11 @@ def measure_alone(outs: list[Path], repeats: int) -> None:
 
 def row(label: str, concept: str, res: dict, peak_mb: float | None,
         alone: dict | None = None, seed: int = 0) -> dict:
+    from receler.runs import training_passes
+
     train = res.get("train") or {}  # the method's stats from eraser_config.json
     by_class = locality_by_class(res)
-    passes = None
-    if "unet_forward" in train:
-        passes = train["unet_forward"] + train["unet_backward"]
+    passes = training_passes(res)
     return {"method": label, "concept": concept, "seed": seed, "acc_e": res["acc_e"],
             "acc_r": res["acc_r"], "acc_l": res["acc_l"], "h": res["h"],
             **attack_columns(res),

@@ -48,6 +48,11 @@ HERE = Path(__file__).resolve().parent
 ORDER = ("star", "heart", "moon", "cross", "arrow", "ring", "square", "triangle", "diamond")
 SCALED = ("iterations", "adv_start")  # per-concept training settings, times k
 EXPORTED = "receler-exported"  # receler's erasers merged into the UNet (`receler export`)
+
+
+def trained_by(method: str) -> str:
+    """The method whose training a ``--methods`` name runs (``receler`` for EXPORTED)."""
+    return "receler" if method == EXPORTED else method
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75)]
 
@@ -94,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     for m in args.methods:
         try:
-            get_method("receler" if m == EXPORTED else m)
+            get_method(trained_by(m))
         except ValueError as e:
             p.error(str(e))
     return args
@@ -130,7 +135,7 @@ def seeded(method: str) -> bool:
     """Whether the method's result depends on the training seed (UCE's does not)."""
     from receler.methods import get_method
 
-    return get_method("receler" if method == EXPORTED else method).seeded
+    return get_method(trained_by(method)).seeded
 
 
 def scaled_flags(method: str, k: int, model: str | None, given: list[str]) -> list[str]:
@@ -195,19 +200,20 @@ def export_step(args, erasers: Path, k: int, seed: int) -> Path:
 
 def exported_cost(erasers: Path, merged: Path) -> dict:
     """UNet passes and seconds of both stages: the erasers' training and the export."""
-    from receler.merge import MERGE_FILE
+    from receler.merge import MERGE_FILE, both_stages
     from receler.serialization import CONFIG_FILE
 
-    first = json.loads((erasers / CONFIG_FILE).read_text()).get("stats") or {}
-    second = json.loads((merged / MERGE_FILE).read_text())["stats"]
-    return {k: first.get(k, 0) + second[k] for k in ("unet_forward", "unet_backward", "seconds")}
+    return both_stages(json.loads((erasers / CONFIG_FILE).read_text()).get("stats") or {},
+                       json.loads((merged / MERGE_FILE).read_text())["stats"])
 
 
-def measure_step(args, erasers: Path, concept: str) -> dict:
-    out = erasers.parent / concept
+def measure_step(args, edit: Path, concept: str, *, unet: bool = False) -> dict:
+    """``receler protocol`` of ``concept`` on the eraser set ``edit`` (or, with ``unet``, the
+    merged UNet folder ``edit``), into a folder beside it."""
+    out = edit.parent / concept
     if not (out / "results.json").is_file():
-        model = ["--unet" if erasers.name == "merged_unet" else "--erasers", str(erasers)]
-        cmd = ["protocol", "--concept", concept, *model, "--out", str(out),
+        cmd = ["protocol", "--concept", concept, "--unet" if unet else "--erasers", str(edit),
+               "--out", str(out),
                "--base-dir", str(args.base_work / concept / "base"), "--skip", args.skip,
                "--threads", str(args.threads), *args.protocol_flag]
         if args.model:
@@ -244,15 +250,10 @@ def remaining_locality(res: dict) -> dict:
             "worst_ratio": min(ratio.values()) if ratio else None}
 
 
-def unet_passes(res: dict) -> int | None:
-    """UNet forward and backward passes of the training a protocol run measured (None for
-    a model made elsewhere)."""
-    train = res.get("train") or {}
-    return train["unet_forward"] + train["unet_backward"] if "unet_forward" in train else None
-
-
 def row(method: str, k: int, seed: int, concepts: list[str], results: list[dict]) -> dict:
     from statistics import fmean
+
+    from receler.runs import training_passes
 
     train = results[0]["train"] or {}
     soft, soft3 = pooled(results), pooled(results, "_3x")
@@ -271,7 +272,7 @@ def row(method: str, k: int, seed: int, concepts: list[str], results: list[dict]
         "two_object_locality": fmean(r["two_object_locality"] for r in results
                                      if r["two_object_locality"] is not None)
         if any(r["two_object_locality"] is not None for r in results) else None,
-        "unet_passes": unet_passes(results[0]),
+        "unet_passes": training_passes(results[0]),
         "train_seconds": train.get("seconds"),
         "per_concept": {c: {key: r[key] for key in ("acc_e", "acc_r", "attack_success_soft",
                                                      "attack_ci", "attack_success_soft_3x")}
@@ -398,7 +399,7 @@ def main(argv=None) -> int:
                 elif method == EXPORTED:
                     erasers = erase_step(args, "receler", concepts, seed)
                     merged = export_step(args, erasers, k, seed)
-                    results = [measure_step(args, merged, c) for c in concepts]
+                    results = [measure_step(args, merged, c, unet=True) for c in concepts]
                 else:
                     erasers = erase_step(args, method, concepts, seed)
                     results = [measure_step(args, erasers, c) for c in concepts]

@@ -56,6 +56,8 @@ def row_of(run: Path, res: dict) -> dict:
     seed = (saved.get("train") or {}).get("seed") if seeded(res.get("method")) else None
     # the label without seed or folder; the erasers merged into the UNet (`receler protocol
     # --export`) are a model of their own, named so and never pooled with the erasers
+    from receler.runs import training_passes
+
     export = (res.get("export") or {}).get("merge")
     name = (res.get("name") if export else res.get("method")) or run.name
     row = {"method": name + (f" s{seed}" if seed is not None else ""), "name": name,
@@ -75,9 +77,7 @@ def row_of(run: Path, res: dict) -> dict:
         if saved and seed is not None else str(run)
     for k in ("acc_e", "acc_r", "acc_l", "h", "two_object_locality"):
         row[k] = res.get(k)
-    train = res.get("train") or {}  # both stages of an exported run; none for a model made elsewhere
-    row["unet_passes"] = (train["unet_forward"] + train["unet_backward"]
-                          if "unet_forward" in train else 0 if train else None)
+    row["unet_passes"] = training_passes(res)
     # the other classes' image change (runs before the protocol recorded it: run_image_change())
     row["pixel_change"] = res.get("pixel_change_others")
     row["feature_change"] = res.get("feature_change_others")

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from multi import fmt, remaining_locality, run, unet_passes  # noqa: E402 - a sibling script
+from multi import fmt, remaining_locality, run  # noqa: E402 - a sibling script
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,6 +97,8 @@ def measure(args, erasers: Path, concept: str, out: Path) -> dict:
 
 
 def row(erased: str, concept: str, res: dict, run_dir: Path) -> dict:
+    from receler.runs import training_passes
+
     local = remaining_locality(res)
     return {"erased": erased, "concept": concept, "run": str(run_dir),
             "acc_e": res["acc_e"], "acc_r": res["acc_r"],
@@ -104,7 +106,7 @@ def row(erased: str, concept: str, res: dict, run_dir: Path) -> dict:
             "attack_ci": res["attack_ci"], "attack_success_soft_3x": res["attack_success_soft_3x"],
             "attack_ci_3x": res["attack_ci_3x"], "acc_l_remaining": local["acc_l"],
             "acc_l_remaining_n": local["n"], "worst_remaining_class": local["worst_class"],
-            "worst_remaining_ratio": local["worst_ratio"], "unet_passes": unet_passes(res)}
+            "worst_remaining_ratio": local["worst_ratio"], "unet_passes": training_passes(res)}
 
 
 def to_markdown(s: dict) -> str:

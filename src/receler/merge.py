@@ -594,6 +594,13 @@ def resolved_config(config: MergeConfig, saved) -> MergeConfig:
     return _resolve(config, saved)[0]
 
 
+def both_stages(erase: dict[str, Any], export: dict[str, Any]) -> dict[str, Any]:
+    """UNet forward and backward passes and seconds of the erasers' training (``erase``,
+    their recorded stats; missing counts as 0) and of their export (``export``, the stats
+    in ``merge_config.json``) together: what the exported model cost."""
+    return {k: erase.get(k, 0) + export[k] for k in ("unet_forward", "unet_backward", "seconds")}
+
+
 def erasers_sha256(folder: str | Path) -> str:
     """The fingerprint of an erasers folder that an export records as its source."""
     return _sha256(Path(folder) / ERASERS_FILE)

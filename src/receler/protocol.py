@@ -383,12 +383,13 @@ class Protocol:
         """The finished export of this run's erasers (``record``: its
         :meth:`export_record`): the merged UNet swapped in for the base one, with the
         compute of both stages (erase + export) as its stats."""
+        from .merge import both_stages
+
         folder, erasers = self.cfg.out / EXPORT_FOLDER, self.cfg.out / "erasers"
         erased = erase_candidate(self.cfg.method, erasers)
         cand = resolve_candidate(self.cfg.concept, self.model, unet=str(folder))
         first, second = erased.stats or {}, record["stats"]
-        stats = {k: first.get(k, 0) + second[k] for k in ("unet_forward", "unet_backward",
-                                                           "seconds")}
+        stats = both_stages(first, second)
         stats.update(trainable_parameters=second["trainable_parameters"], erase=first,
                      export=second)
         cand.kind, cand.method, cand.stats = "erase+export", self.cfg.method, stats

@@ -18,6 +18,14 @@ def read_results(run: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def training_passes(results: dict) -> int | None:
+    """UNet forward and backward passes of the training a finished run measured (both
+    stages of an exported run; 0 for a closed-form edit); ``None`` when none was recorded
+    (a model made elsewhere)."""
+    train = results.get("train") or {}
+    return train["unet_forward"] + train["unet_backward"] if "unet_forward" in train else None
+
+
 def protocol_config(results: dict, run: str | Path | None = None) -> ProtocolConfig:
     """The :class:`ProtocolConfig` whose prompts, counts, detector and attack a finished run
     used (its training settings are not needed to measure it again); ``run`` is the run's
