@@ -195,10 +195,41 @@ def test_a_merged_unet_of_several_concepts_leaves_all_out_of_locality(pipe, eras
     assert resolve_candidate("dog", model, unet=str(tmp_path / "m")).erased == []
 
 
-@pytest.mark.parametrize("adv_steps", [0, 2])  # 2: the soft prompts are checkpointed too
-def test_resume_equals_an_uninterrupted_run(pipe, erasers_dir, tmp_path, adv_steps):
+def test_adv_restart_starts_the_soft_prompt_again_every_n_attacks(pipe, erasers_dir, tmp_path,
+                                                                  monkeypatch):
+    """With ``adv_restart=2`` the attacks of iterations 0, 2 and 4 start from the concept's own
+    embeddings (as each of the protocol's attacks does), that of 3 goes on from the previous
+    iteration's soft tokens; without it, 2 and 4 go on too. (Iteration 1 starts there either
+    way: at iteration 0 the merged UNet is still the base, so the attack has no gradient.)"""
+    from receler.merge import MergeLoop
+
+    original = MergeLoop.attacked
+    fresh = []
+
+    def attacked(self, concept, z, t):
+        start = self.adv_start[concept]
+        own = self.cond[concept].hidden[0, start:start + self.merge.adv_tokens].float()
+        fresh.append(torch.equal(self.adv[concept].detach(), own))
+        return original(self, concept, z, t)
+
+    monkeypatch.setattr(MergeLoop, "attacked", attacked)
+    for restart, expected in ((2, [True, True, True, False, True]),
+                              (0, [True, True, False, False, False])):
+        fresh.clear()
+        config = MergeConfig(**{**QUICK, "iterations": 5, "adv_steps": 2, "adv_tokens": 2,
+                                "adv_restart": restart, "eval_trajectories": 0})
+        export_merged(pipe, erasers_dir, tmp_path / str(restart), config, show_progress=False)
+        assert fresh == expected
+    with pytest.raises(ValueError, match="adv_restart must be >= 0"):
+        MergeConfig(adv_restart=-1)
+
+
+# (2, 0): the soft prompts are checkpointed too; (2, 2): resumed at 3, restarted at 4
+@pytest.mark.parametrize(("adv_steps", "adv_restart"), [(0, 0), (2, 0), (2, 2)])
+def test_resume_equals_an_uninterrupted_run(pipe, erasers_dir, tmp_path, adv_steps,
+                                            adv_restart):
     config = MergeConfig(**{**QUICK, "iterations": 5, "zt_reuse": 2, "adv_steps": adv_steps,
-                            "adv_tokens": 2})
+                            "adv_tokens": 2, "adv_restart": adv_restart})
     export_merged(pipe, erasers_dir, tmp_path / "whole", config, show_progress=False)
 
     def stop_at_3(loop, result):

@@ -134,6 +134,10 @@ class MergeConfig:
     adv_steps: int = _f(20, "soft-prompt attack steps per iteration against the merged UNet "
                            "(towards the base model's ε(c)); the attacked concept prompt is "
                            "then distilled too (0 = no attack)")
+    adv_restart: int = _f(0, "attacks of a concept after which its soft prompt starts again "
+                             "from the concept's own embeddings, with a fresh optimiser, as "
+                             "each of the protocol's attacks starts (0 = one soft prompt for "
+                             "the whole export)")
     adv_tokens: int = _f(8, "soft tokens after the concept's tokens (the protocol attacks 8)")
     adv_lr: float = _f(1e-2, "learning rate of the soft tokens (Adam)")
     adv_target: str = _f("erased", "what the attacked concept prompt is distilled towards: "
@@ -146,8 +150,9 @@ class MergeConfig:
     checkpoint_every: int = _f(50, "write a resumable checkpoint every N iterations")
 
     def __post_init__(self):
-        if self.adv_steps < 0:
-            raise ValueError(f"adv_steps must be >= 0, got {self.adv_steps}")
+        for name in ("adv_steps", "adv_restart"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("iterations", "zt_reuse", "checkpoint_every", "adv_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -324,9 +329,16 @@ class MergeLoop(TrainingLoop):
             if start + config.adv_tokens > self.uncond.hidden.shape[1]:
                 raise ValueError(f"{config.adv_tokens} soft tokens after concept {c!r} exceed "
                                  "the prompt length: pass a smaller --adv-tokens")
-            hidden = self.cond[c].hidden[0, start:start + config.adv_tokens]
-            self.adv[c] = hidden.detach().float().clone().requires_grad_(True)
-            self.adv_opts[c] = torch.optim.Adam([self.adv[c]], lr=config.adv_lr)
+            self.start_soft_prompt(c)
+
+    @torch.no_grad()
+    def start_soft_prompt(self, concept: str) -> None:
+        """The concept's soft prompt at its start: the embeddings it replaces (no change at
+        first), with a fresh Adam."""
+        start = self.adv_start[concept]
+        hidden = self.cond[concept].hidden[0, start:start + self.merge.adv_tokens]
+        self.adv[concept] = hidden.detach().float().clone().requires_grad_(True)
+        self.adv_opts[concept] = torch.optim.Adam([self.adv[concept]], lr=self.merge.adv_lr)
 
     @property
     def trainable_parameters(self) -> int:
@@ -380,6 +392,9 @@ class MergeLoop(TrainingLoop):
         losses, copied = [], None  # copied: (attacked row, the concept's row it copies)
         if self.adv:  # the concepts take turns
             concept = self.concepts[self.iteration % len(self.concepts)]
+            done = self.iteration // len(self.concepts)  # this concept's attacks so far
+            if self.merge.adv_restart and done and done % self.merge.adv_restart == 0:
+                self.start_soft_prompt(concept)
             attacked, losses = self.attacked(concept, z, t)
             if self.merge.adv_target == "concept":
                 copied = (len(texts), texts.index(concept))
@@ -454,8 +469,10 @@ class MergeLoop(TrainingLoop):
         saved = {"retain_weight": 1.0, "retain_target": "erased", **meta["merge"]}
         asked = self.merge.to_dict()
         saved.setdefault("adv_target", "erased")
-        for key in ("lr", "params", "retain", "retain_weight", "retain_target", "ddim_steps", "start_guidance",
-                    "zt_reuse", "seed", "adv_steps", "adv_tokens", "adv_lr", "adv_target"):
+        saved.setdefault("adv_restart", 0)
+        for key in ("lr", "params", "retain", "retain_weight", "retain_target", "ddim_steps",
+                    "start_guidance", "zt_reuse", "seed", "adv_steps", "adv_restart",
+                    "adv_tokens", "adv_lr", "adv_target"):
             if saved[key] != asked[key]:
                 raise ValueError(f"{path} was made with {key}={saved[key]!r}, not "
                                  f"{asked[key]!r}: resume with the same --{key.replace('_', '-')}"
