@@ -151,13 +151,16 @@ def stale(out: Path, concept: str, method: str, flags: list[str], model: str | N
         was = done["attack"].get(key, "output" if key == "space" else None)
         if was != getattr(args, f"attack_{key}"):
             return f"attack_{key}={was}, not {getattr(args, f'attack_{key}')}"
-    asked = export_settings(args)
-    if done.get("export") != asked:
-        if done.get("export") is None or asked is None:
-            return f"export={'on' if done.get('export') else 'off'}, not " \
-                   f"{'on' if asked else 'off'}"
-        key = next(k for k in asked if done["export"].get(k) != asked[k])
-        return f"export {key}={done['export'].get(key)!r}, not {asked[key]!r}"
+    asked, export = export_settings(args), done.get("export")
+    if export is not None:
+        from receler.merge import recorded_settings
+
+        export = recorded_settings(export)
+    if export != asked:
+        if export is None or asked is None:
+            return f"export={'on' if export else 'off'}, not {'on' if asked else 'off'}"
+        key = next(k for k in asked if export.get(k) != asked[k])
+        return f"export {key}={export.get(key)!r}, not {asked[key]!r}"
     return None
 
 

@@ -260,6 +260,13 @@ def test_the_exported_row_starts_from_the_same_seeds_erasers_and_is_checked(
                          str(tiny_model_dir)) == "export iterations=2, not 3"
     assert compare.stale(first, "car", "receler", flags + options,
                          str(tiny_model_dir)) == "export=off, not on"
+    # a run recorded before an export setting existed ran with it off
+    done = json.loads((exported / "results.json").read_text())
+    del done["config"]["export"]["adv_restart"]
+    (exported / "results.json").write_text(json.dumps(done))
+    assert compare.stale(*args, flags + options, str(tiny_model_dir)) is None
+    assert compare.stale(*args, flags + options + ["--export-option", "adv_restart=5"],
+                         str(tiny_model_dir)) == "export adv_restart=0, not 5"
 
     compare.measure_alone([exported], repeats=1)
     lat = json.loads((exported / compare.LATENCY_FILE).read_text())

@@ -272,6 +272,14 @@ def test_export_measures_the_merged_unet_and_adds_its_cost(tiny_model_dir, promp
     other = dataclasses.replace(cfg, export=dataclasses.replace(export, iterations=3))
     with pytest.raises(ValueError, match="iterations=2, not 3.*another --out"):
         Protocol(other, show_progress=False).run()
+    # an export recorded before a setting existed ran with that setting off: taken as
+    # finished, and refused where the setting is asked for
+    del record["merge"]["adv_restart"]
+    (merged / MERGE_FILE).write_text(json.dumps(record))
+    assert Protocol(cfg, show_progress=False).check_export_folder()
+    restart = dataclasses.replace(cfg, export=dataclasses.replace(export, adv_restart=5))
+    with pytest.raises(ValueError, match="adv_restart=0, not 5.*another --out"):
+        Protocol(restart, show_progress=False).check_export_folder()
 
 
 def test_export_is_refused_where_nothing_is_trained_or_no_eraser_is_left(

@@ -212,6 +212,17 @@ class MergeConfig:
         return cls(**options)
 
 
+# settings added after exports had been recorded without them, and what those exports did
+_BEFORE = {"retain_weight": 1.0, "retain_target": "erased", "adv_target": "erased",
+           "adv_restart": 0}
+
+
+def recorded_settings(merge: dict[str, Any]) -> dict[str, Any]:
+    """An export's recorded settings (``merge_config.json``'s ``merge``, a checkpoint's) with
+    each setting added since it was recorded at the value that export ran with."""
+    return {**_BEFORE, **merge}
+
+
 def merge_parameter_names(unet: torch.nn.Module, groups: list[str]) -> list[str]:
     """Names of the UNet parameters a merge with ``groups`` (keys of :data:`PARAM_GROUPS`)
     fine-tunes, in ``named_parameters`` order; eraser weights never."""
@@ -466,10 +477,7 @@ class MergeLoop(TrainingLoop):
             raise ValueError(f"{path} merges other erasers ({meta['source']['path']}) than "
                              f"{self.source['path']}: resume with those, or start again "
                              "with --overwrite")
-        saved = {"retain_weight": 1.0, "retain_target": "erased", **meta["merge"]}
-        asked = self.merge.to_dict()
-        saved.setdefault("adv_target", "erased")
-        saved.setdefault("adv_restart", 0)
+        saved, asked = recorded_settings(meta["merge"]), self.merge.to_dict()
         for key in ("lr", "params", "retain", "retain_weight", "retain_target", "ddim_steps",
                     "start_guidance", "zt_reuse", "seed", "adv_steps", "adv_restart",
                     "adv_tokens", "adv_lr", "adv_target"):

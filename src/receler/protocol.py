@@ -350,7 +350,7 @@ class Protocol:
         """Refuse a finished export in ``out/merged_unet`` made with other settings or from
         other erasers; returns whether it has finished. (An unfinished export's checkpoint
         is checked by the export itself when it resumes.)"""
-        from .merge import erasers_sha256, resolved_config
+        from .merge import erasers_sha256, recorded_settings, resolved_config
 
         record = self.export_record() if self.cfg.export is not None else None
         if record is None:
@@ -362,10 +362,11 @@ class Protocol:
 
             asked = resolved_config(self.cfg.export,
                                     EditConfig.load(erasers / CONFIG_FILE)).to_dict()
-            changed = [k for k, v in asked.items() if record["merge"].get(k) != v]
+            done = recorded_settings(record["merge"])
+            changed = [k for k, v in asked.items() if done.get(k) != v]
             if changed:
                 raise ValueError(f"{folder} holds an export with {changed[0]}="
-                                 f"{record['merge'].get(changed[0])!r}, not "
+                                 f"{done.get(changed[0])!r}, not "
                                  f"{asked[changed[0]]!r}: {fix}")
             if record["source"]["sha256"] != erasers_sha256(erasers):
                 raise ValueError(f"{folder} merges other erasers than {erasers} holds: {fix}")
