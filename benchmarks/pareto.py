@@ -64,7 +64,7 @@ def row_of(run: Path, res: dict) -> dict:
            "concept": res["concept"], "run": str(run), "seed": seed}
     # runs that differ only in the training seed pool (pooled()); others never do
     train = saved.get("train") or {}
-    if res.get("method", "").startswith("receler") and train:
+    if train:  # receler's and the fine-tuning baselines' (ESD) training settings
         from receler.config import TrainConfig
 
         try:  # a field added later (eraser_site) reads as its default, as when it loads
