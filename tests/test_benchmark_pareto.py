@@ -189,3 +189,20 @@ def test_cost_front_weighs_the_stronger_attack_against_training_passes(tmp_path)
     assert "## The cost of robustness" in md and "| 48,000 | 6.00 |" in md
     assert "broad" not in md.split("## The cost of robustness")[1]
     assert Image.open(out / "cost_star.png").size == (760, 460)
+
+
+def test_a_baseline_s_seeds_pool_across_settings_added_since(tmp_path):
+    """ESD-x's seeds pool when one was trained before a training setting existed and the
+    other after, with that setting at its default (as compare.py reuses such runs); a
+    setting at another value keeps the run apart."""
+    pareto = load_benchmark("pareto")
+    runs = [fake_run(tmp_path / "star" / "e1", "star", 1.0, 0.4, 0.9, seed=1, method="esd-x",
+                     concepts="star"),
+            fake_run(tmp_path / "star" / "e2", "star", 1.0, 0.2, 0.8, seed=2, method="esd-x",
+                     concepts="star", init_erasers=""),
+            fake_run(tmp_path / "star" / "e3", "star", 1.0, 0.0, 0.1, seed=3, method="esd-x",
+                     concepts="star", iterations=7)]
+    out = tmp_path / "out"
+    assert pareto.main([*map(str, runs), "--out", str(out)]) == 0
+    pool = [p for p in json.loads((out / "pooled.json").read_text()) if p["attack_n"] == 100]
+    assert len(pool) == 1 and pool[0]["attack"] == pytest.approx(0.3)
