@@ -49,12 +49,13 @@ ORDER = ("star", "heart", "moon", "cross", "arrow", "ring", "square", "triangle"
 SCALED = ("iterations", "adv_start")  # per-concept training settings, times k
 EXPORTED = "receler-exported"  # receler's erasers merged into the UNet (`receler export`)
 
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75)]
+
 
 def trained_by(method: str) -> str:
     """The method whose training a ``--methods`` name runs (``receler`` for EXPORTED)."""
     return "receler" if method == EXPORTED else method
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

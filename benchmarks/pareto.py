@@ -51,13 +51,13 @@ def seeded(method: str | None) -> bool:
 def row_of(run: Path, res: dict) -> dict:
     """One point: the run's label (its method and training seed), its quality and both
     attack budgets."""
+    from receler.runs import training_passes
+
     conf = run / "erasers" / "eraser_config.json"  # the training seed, where one trained
     saved = json.loads(conf.read_text()) if conf.is_file() else {}
     seed = (saved.get("train") or {}).get("seed") if seeded(res.get("method")) else None
     # the label without seed or folder; the erasers merged into the UNet (`receler protocol
     # --export`) are a model of their own, named so and never pooled with the erasers
-    from receler.runs import training_passes
-
     export = (res.get("export") or {}).get("merge")
     name = (res.get("name") if export else res.get("method")) or run.name
     row = {"method": name + (f" s{seed}" if seed is not None else ""), "name": name,

@@ -217,6 +217,10 @@ _BEFORE = {"retain_weight": 1.0, "retain_target": "erased", "adv_target": "erase
            "adv_restart": 0}
 
 
+# settings a resumed export may change: how long it runs, its final figures, its checkpoints
+_RESUMABLE_CHANGES = ("iterations", "eval_trajectories", "checkpoint_every")
+
+
 def recorded_settings(merge: dict[str, Any]) -> dict[str, Any]:
     """An export's recorded settings (``merge_config.json``'s ``merge``, a checkpoint's) with
     each setting added since it was recorded at the value that export ran with."""
@@ -478,9 +482,7 @@ class MergeLoop(TrainingLoop):
                              f"{self.source['path']}: resume with those, or start again "
                              "with --overwrite")
         saved, asked = recorded_settings(meta["merge"]), self.merge.to_dict()
-        for key in ("lr", "params", "retain", "retain_weight", "retain_target", "ddim_steps",
-                    "start_guidance", "zt_reuse", "seed", "adv_steps", "adv_restart",
-                    "adv_tokens", "adv_lr", "adv_target"):
+        for key in (k for k in asked if k not in _RESUMABLE_CHANGES):
             if saved[key] != asked[key]:
                 raise ValueError(f"{path} was made with {key}={saved[key]!r}, not "
                                  f"{asked[key]!r}: resume with the same --{key.replace('_', '-')}"
