@@ -126,6 +126,28 @@ def test_bad_settings_exit_with_one_line(tiny_model_dir, tmp_path, args, message
     assert not (tmp_path / "o").exists()
 
 
+def test_help_and_flag_errors_do_not_import_diffusers():
+    """The parser and the training settings' checks answer before diffusers is imported (it
+    takes seconds): `receler --help` and a bad flag come back at once."""
+    code = ("import sys\n"
+            "from receler.cli import _train_config, build_parser\n"
+            "for argv in (['erase', '--concept', 'car', '--out', 'o', '--iterations', '0'],\n"
+            "             ['erase', '--concept', 'car', '--out', 'o', '--method', 'esd-x',\n"
+            "              '--reg-weight', '5']):\n"
+            "    args = build_parser().parse_args(argv)\n"
+            "    try:\n"
+            "        _train_config(args, ['car'], args.method or 'receler', quiet=True)\n"
+            "    except (ValueError, SystemExit):\n"
+            "        pass\n"
+            "    else:\n"
+            "        raise SystemExit('the bad setting was accepted')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'diffusers'))\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
 def test_a_folder_that_is_not_a_pipeline_is_refused(tmp_path):
     (tmp_path / "junk.txt").write_text("hello")
     proc = receler("erase", "--model", tmp_path, "--concept", "car", "--out", tmp_path / "o",

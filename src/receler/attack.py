@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import SPACES
 from .objective import insert_soft_tokens
 from .pipeline import Conditioning, encode, latent_shape, unet_eps
-
-SPACES = ("output", "input")  # where the soft-prompt attack's tokens go (AttackConfig.space)
 
 
 @dataclass

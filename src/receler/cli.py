@@ -36,7 +36,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from .config import TrainConfig, model_erase_defaults, scalar_type
 
     try:  # what the toy model recommends instead, to show beside the paper's defaults
-        from .pipeline import default_model
+        from .config import default_model
         toy = model_erase_defaults(default_model(), "receler")
     except (FileNotFoundError, ValueError):
         toy = {}
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--detector", default="toy", help="detector that decides success")
     a.add_argument("--overwrite", action="store_true", help="replace an existing attack.json")
 
-    from .attack import SPACES
+    from .config import SPACES
 
     r = sub.add_parser("protocol", help="erase → generate → evaluate → attack → report, or "
                        "measure a model erased elsewhere (--erasers, --unet, --lora)")
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_export_parser(sub) -> None:
-    from .merge import MergeConfig
+    from .config import MergeConfig
 
     x = sub.add_parser("export", help="merge erasers into the UNet's own weights (distilled): "
                        "a plain diffusers UNet folder, with no adapter left to detach")
@@ -177,9 +177,9 @@ def cmd_export(args, argv: list[str]) -> int:
     saved = check_erasers_folder(args.erasers)
     check_out(args.out, overwrite=args.overwrite, resume=args.resume)
 
+    from .config import default_model
     from .loop import TrainingDiverged, TrainingInterrupted  # heavy imports after the checks
     from .merge import export_merged
-    from .pipeline import default_model
 
     pipe = _load(args, args.model or saved.base_model or default_model())
     try:
@@ -237,7 +237,7 @@ def _train_config(args, concepts: str | list[str], method: str = "receler", *,
         return TrainConfig(concepts=concepts, **{**PRESETS[preset], **paper, **given})
     model = args.model
     if model is None:
-        from .pipeline import default_model
+        from .config import default_model
         model = default_model()
     recommended = {k: v for k, v in model_erase_defaults(model, method).items() if k not in given}
     if recommended and not quiet:
@@ -253,7 +253,7 @@ def _note_unknown_toy_words(model: str | None, concepts: list[str]) -> None:
     it erases nothing the model knows."""
     import re
 
-    from .pipeline import default_model
+    from .config import default_model
 
     if model is not None and Path(model).resolve() != Path(default_model()).resolve():
         return
@@ -301,8 +301,8 @@ def cmd_erase(args, argv: list[str]) -> int:
     method_options(args.method, options)  # validates first
     check_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
 
+    from .config import default_model
     from .loop import TrainingDiverged, TrainingInterrupted  # heavy imports after the checks
-    from .pipeline import default_model
 
     model = args.model or default_model()
     if options is None and (recommended := model_method_options(model, args.method)):
@@ -329,9 +329,9 @@ def cmd_erase(args, argv: list[str]) -> int:
 
 def cmd_attack(args) -> int:
     from .attack import AttackConfig, target_latents
+    from .config import default_model
     from .eval import get_detector
     from .methods import edit_disabled, load_edit
-    from .pipeline import default_model
     from .protocol import measure_attacks
     from .sampling import SamplerSettings
 

@@ -81,8 +81,8 @@ def add_image_commands(sub) -> None:
 
 
 def _load_for_generation(args, device=None):
+    from .config import default_model
     from .methods import load_edit
-    from .pipeline import default_model
     from .sampling import check_batch_size
 
     model = args.model or default_model()

@@ -47,11 +47,10 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from . import __version__
-from .config import TrainConfig
+from .config import PARAM_GROUPS, MergeConfig, TrainConfig  # noqa: F401  (MergeConfig: kept importable from here)
 from .erasers import (
     ERASER_ATTR,
     erasers_disabled,
@@ -94,122 +93,7 @@ from .serialization import (
 logger = logging.getLogger(__name__)
 
 MERGE_FILE = "merge_config.json"  # beside the UNet's config.json and weights
-# --params names: the attn2 submodule each trains (weight and bias, where it has one)
-PARAM_GROUPS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _METHOD = "merge"  # the checkpoint's method
-
-
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class MergeConfig:
-    """Settings of ``receler export``. ``None`` takes the erasers' own training setting. The
-    defaults did best in a sweep on the toy model (docs/merge.md); ``retain_weight`` 20 and
-    ``retain_target`` 'base' since 2026-12-06, when weight 1 towards the erased model lost
-    heart's neighbours; ``adv_steps`` 20 (was 5) since 2026-12-06, when 5 let a 300-step
-    attack win back 0.15 of heart's attacked images (docs/merge.md)."""
-
-    iterations: int = _f(600, "distillation iterations (one z_t each)")
-    lr: float = _f(3e-4, "learning rate of the merged weights (Adam)")
-    params: str = _f("to_out,to_k,to_v", "cross-attention (attn2) projections that are "
-                     "fine-tuned, comma-separated: to_q, to_k, to_v, to_out")
-    retain: str | None = _f(None, "retain prompts separated by '|' whose predictions must "
-                            "stay the erased model's too (the empty prompt is always in; "
-                            "prompts naming an erased concept are dropped; default: the "
-                            "erasers' anchor prompts)")
-    retain_weight: float = _f(20.0, "weight of the retain prompts' and the empty prompt's "
-                                   "terms in the distillation loss, against 1 for the erased "
-                                   "concepts' and the attacked prompt's")
-    retain_target: str = _f("base", "what the retain prompts and the empty prompt are "
-                                      "distilled towards: 'erased' (the erased model's ε, "
-                                      "erasers attached) or 'base' (the base model's ε, so "
-                                      "that the export keeps the base model's images of them "
-                                      "rather than the erasers' side effects)")
-    ddim_steps: int | None = _f(None, "DDIM steps of the z_t sampler (default: the erasers')")
-    start_guidance: float | None = _f(None, "guidance of the z_t sampler (default: the "
-                                            "erasers')")
-    zt_reuse: int = _f(5, "iterations that draw z_t from one cached trajectory of a prompt")
-    adv_steps: int = _f(20, "soft-prompt attack steps per iteration against the merged UNet "
-                           "(towards the base model's ε(c)); the attacked concept prompt is "
-                           "then distilled too (0 = no attack)")
-    adv_restart: int = _f(0, "attacks of a concept after which its soft prompt starts again "
-                             "from the concept's own embeddings, with a fresh optimiser, as "
-                             "each of the protocol's attacks starts (0 = one soft prompt for "
-                             "the whole export)")
-    adv_tokens: int = _f(8, "soft tokens after the concept's tokens (the protocol attacks 8)")
-    adv_lr: float = _f(1e-2, "learning rate of the soft tokens (Adam)")
-    adv_target: str = _f("erased", "what the attacked concept prompt is distilled towards: "
-                                   "'erased' (the erased model under the same soft tokens) or "
-                                   "'concept' (the erased model's ε of the plain concept "
-                                   "prompt: the soft tokens should change nothing)")
-    eval_trajectories: int = _f(2, "held-out trajectories per prompt for the final fidelity "
-                                   "figures (0 = none)")
-    seed: int = _f(0, "seed of every random draw of the export")
-    checkpoint_every: int = _f(50, "write a resumable checkpoint every N iterations")
-
-    def __post_init__(self):
-        for name in ("adv_steps", "adv_restart"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("iterations", "zt_reuse", "checkpoint_every", "adv_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.ddim_steps is not None and self.ddim_steps <= 0:
-            raise ValueError(f"ddim_steps must be positive, got {self.ddim_steps}")
-        if self.eval_trajectories < 0:
-            raise ValueError(f"eval_trajectories must be >= 0, got {self.eval_trajectories}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.adv_target not in ("erased", "concept"):
-            raise ValueError(f"adv_target must be 'erased' or 'concept', got {self.adv_target!r}")
-        if self.retain_target not in ("erased", "base"):
-            raise ValueError(f"retain_target must be 'erased' or 'base', got "
-                             f"{self.retain_target!r}")
-        if not (math.isfinite(self.retain_weight) and self.retain_weight > 0):
-            raise ValueError(f"retain_weight must be a positive number, got {self.retain_weight}")
-        groups = self.param_groups
-        unknown = [g for g in groups if g not in PARAM_GROUPS]
-        if not groups or unknown:
-            raise ValueError(f"unknown projection {unknown[0] if unknown else self.params!r} in "
-                             f"--params: choose from {', '.join(PARAM_GROUPS)}")
-
-    @property
-    def param_groups(self) -> list[str]:
-        return [g.strip() for g in self.params.split(",") if g.strip()]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def field_types(cls) -> dict[str, tuple[type, bool]]:
-        """Each setting's scalar type (int, float or str) and whether it may be ``None``:
-        what ``receler export``'s flags and :meth:`from_options` accept."""
-        from dataclasses import fields
-        from typing import get_type_hints
-
-        from .config import scalar_type
-
-        hints = get_type_hints(cls)
-        return {f.name: scalar_type(hints[f.name]) for f in fields(cls)}
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any] | None) -> MergeConfig:
-        """The defaults with ``options`` (``{"iterations": 300}``) replacing them; an unknown
-        key or a value of the wrong type is a one-line error naming the choices."""
-        types, options = cls.field_types(), dict(options or {})
-        what = {int: "an integer", float: "a number", str: "a string"}
-        for key, value in options.items():
-            if key not in types:
-                raise ValueError(f"unknown export option {key!r}: choose from {', '.join(types)}")
-            kind, optional = types[key]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = options[key] = float(value)
-            if not (isinstance(value, kind) and not isinstance(value, bool)
-                    or value is None and optional):
-                raise ValueError(f"export option {key} takes {what[kind]}, got {value!r}")
-        return cls(**options)
 
 
 # settings added after exports had been recorded without them, and what those exports did

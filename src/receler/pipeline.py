@@ -10,26 +10,17 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
-from diffusers.utils import logging as diffusers_logging
 from huggingface_hub import hf_hub_download
-from transformers.utils import logging as transformers_logging
+
+if TYPE_CHECKING:  # diffusers is imported where it is used: the CLI checks its flags without it
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+from .config import default_model  # noqa: F401  (kept here: callers import it from pipeline)
 
 logger = logging.getLogger(__name__)
-
-
-def default_model() -> str:
-    """Path of the toy-world pipeline that ships with receler (the default ``--model``)."""
-    try:
-        from .toyworld import default_model_path
-    except ImportError:
-        raise FileNotFoundError(
-            "no default model: the toy-world model is not part of this install yet; "
-            "pass --model with a hub id or a local diffusers folder"
-        ) from None
-    return str(default_model_path())
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,6 +106,10 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device | None
     kwargs = {}
     if "safety_checker" in model_index(model):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
@@ -201,6 +196,8 @@ def unet_eps(unet, z: torch.Tensor, t: torch.Tensor | int, cond: Conditioning) -
 
 def ddim_scheduler(pipe, steps: int) -> DDIMScheduler:
     """A DDIM scheduler with the pipeline's noise schedule, set to ``steps`` steps."""
+    from diffusers import DDIMScheduler
+
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(steps, device=pipe.unet.device)
     return sched
