@@ -21,7 +21,7 @@ from receler.methods.sld import (
     warmup_timestep,
 )
 from receler.pipeline import encode, unet_eps
-from receler.sampling import SCHEDULERS, SamplerSettings, generate
+from receler.sampling import SamplerSettings, generate, scheduler_class
 
 SETTINGS = SamplerSettings(steps=4, guidance=3.0)
 OPTS = dict(warmup=1, guidance=10.0, threshold=0.01, momentum=0.3, beta=0.4)
@@ -38,7 +38,7 @@ def by_hand(pipe, z, t, cond, safety):
 
 
 def test_warmup_timestep_is_the_samplers_step_after_warmup(pipe):
-    sched = SCHEDULERS["ddim"].from_config(pipe.scheduler.config)
+    sched = scheduler_class("ddim").from_config(pipe.scheduler.config)
     sched.set_timesteps(4)
     assert warmup_timestep(pipe, SldOptions(warmup=1), SETTINGS) == float(sched.timesteps[1])
     assert warmup_timestep(pipe, SldOptions(warmup=0), SETTINGS) == float(sched.timesteps[0])

@@ -32,7 +32,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, LMSDiscreteScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -41,7 +40,16 @@ from .erasers import erasers_disabled
 from .pipeline import latent_shape
 from .viz import image_grid
 
-SCHEDULERS = {"ddim": DDIMScheduler, "lms": LMSDiscreteScheduler}
+SCHEDULERS = {"ddim": "DDIMScheduler", "lms": "LMSDiscreteScheduler"}  # diffusers' class names
+
+
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class of ``name`` (a key of :data:`SCHEDULERS`), imported here
+    rather than with this module, which the benchmarks' table-building reads without
+    diffusers."""
+    import diffusers
+
+    return getattr(diffusers, SCHEDULERS[name])
 SEEDINGS = ("cpu", "device")
 
 
@@ -120,8 +128,9 @@ def use_scheduler(pipe, name: str) -> None:
     For SD 1.4's config, ``lms`` has the reference's timesteps and sigmas."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
-    if type(pipe.scheduler) is not SCHEDULERS[name]:
-        pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+    cls = scheduler_class(name)
+    if type(pipe.scheduler) is not cls:
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
 def image_size(pipe, settings: SamplerSettings) -> tuple[int, int]:

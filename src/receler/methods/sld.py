@@ -322,9 +322,9 @@ def warmup_timestep(pipe, options: SldOptions, settings) -> float:
     """The timestep of denoising step ``options.warmup`` of a generation with ``settings``
     (scheduler and step count): SLD guides there and below; ``-inf`` when the warm-up
     outlasts the generation."""
-    from ..sampling import SCHEDULERS
+    from ..sampling import scheduler_class
 
-    sched = SCHEDULERS[settings.scheduler].from_config(pipe.scheduler.config)
+    sched = scheduler_class(settings.scheduler).from_config(pipe.scheduler.config)
     sched.set_timesteps(settings.steps)
     steps = sched.timesteps
     return float(steps[options.warmup]) if options.warmup < len(steps) else float("-inf")
