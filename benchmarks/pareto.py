@@ -262,8 +262,15 @@ def to_markdown(rows: list[dict]) -> str:
                      key=lambda p: p["unet_passes"])
         if not fit:
             continue
-        lines += [f"### {concept}", "", "| run | seeds | UNet passes | × ESD-x | Acc_L | attack "
-                  "3× | front |", "|---|---|---|---|---|---|---|"]
+        lines += [f"### {concept}", ""]
+        esd_runs = [p for p in pool if p["concept"] == concept
+                    and p["method"].split(" ")[0] == "esd-x"]
+        if esd and all((p["acc_e"] or 0) > ERASES for p in esd_runs):
+            worst = min(p["acc_e"] for p in esd_runs)
+            lines += [f"ESD-x does not erase {concept} (Acc_E {worst:.2f}): × ESD-x compares "
+                      "with the cost of its training, not with the cost of an erasure.", ""]
+        lines += ["| run | seeds | UNet passes | × ESD-x | Acc_L | attack 3× | front |",
+                  "|---|---|---|---|---|---|---|"]
         for p in fit:
             times = f"{p['unet_passes'] / esd:.2f}" if esd else "–"
             lines.append(f"| {p['method']} | {', '.join(map(str, p['seeds'])) or '–'} | "

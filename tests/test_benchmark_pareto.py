@@ -11,14 +11,14 @@ from PIL import Image
 
 
 def fake_run(folder, concept, acc_l, attack, attack_3x, seed=0, method="receler", passes=None,
-             **train):
+             acc_e=0.0, **train):
     """A results.json with the keys the front reads (what a protocol run writes); ``passes``:
     the training's UNet forward passes (none recorded when ``None``)."""
     folder.mkdir(parents=True)
     cost = {} if passes is None else {"train": {"unet_forward": passes, "unet_backward": 0,
                                                 "seconds": 1.0}}
     (folder / "results.json").write_text(json.dumps({
-        "concept": concept, "method": method, "acc_e": 0.0, "acc_r": 0.0, "acc_l": acc_l, "h": 0.9,
+        "concept": concept, "method": method, "acc_e": acc_e, "acc_r": 0.0, "acc_l": acc_l, "h": 0.9,
         "attack_success_soft": attack, "attack_n": 50, "attack_ci": [0.0, 0.1],
         "attack_success_soft_3x": attack_3x, "attack_n_3x": 50, "attack_ci_3x": [0.0, 0.2],
         **cost}))
@@ -189,6 +189,20 @@ def test_cost_front_weighs_the_stronger_attack_against_training_passes(tmp_path)
     assert "## The cost of robustness" in md and "| 48,000 | 6.00 |" in md
     assert "broad" not in md.split("## The cost of robustness")[1]
     assert Image.open(out / "cost_star.png").size == (760, 460)
+    assert "ESD-x does not erase" not in md
+
+
+def test_the_cost_table_says_when_esd_x_does_not_erase_the_concept(tmp_path):
+    """× ESD-x on a concept ESD-x leaves in place (the style striped) is the cost of a run
+    that erased nothing: the table says so."""
+    pareto = load_benchmark("pareto")
+    runs = [fake_run(tmp_path / "esd", "striped", 1.00, 1.0, 1.0, method="esd-x", passes=8000,
+                     acc_e=1.0),
+            fake_run(tmp_path / "r", "striped", 1.00, 0.0, 0.0, seed=1, passes=12000)]
+    out = tmp_path / "out"
+    assert pareto.main([*map(str, runs), "--out", str(out)]) == 0
+    cost = (out / "pareto.md").read_text().split("## The cost of robustness")[1]
+    assert "ESD-x does not erase striped (Acc_E 1.00)" in cost and "| 12,000 | 1.50 |" in cost
 
 
 def test_a_baseline_s_seeds_pool_across_settings_added_since(tmp_path):
