@@ -151,6 +151,14 @@ def stale(out: Path, concept: str, method: str, flags: list[str], model: str | N
         was = done["attack"].get(key, "output" if key == "space" else None)
         if was != getattr(args, f"attack_{key}"):
             return f"attack_{key}={was}, not {getattr(args, f'attack_{key}')}"
+    from receler.attack import AttackConfig
+    from receler.cli import token_attack_settings
+
+    token = {"candidates": AttackConfig.candidates, "sweeps": AttackConfig.sweeps,
+             **token_attack_settings(args)}
+    for key, value in token.items():
+        if done["attack"].get(key) != value:
+            return f"token_{key}={done['attack'].get(key)}, not {value}"
     asked, export = export_settings(args), done.get("export")
     if export is not None:
         from receler.merge import recorded_settings

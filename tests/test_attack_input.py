@@ -158,6 +158,20 @@ def test_a_bad_space_is_a_one_line_error(capsys):
                            "input")
 
 
+def test_the_token_attack_s_size_comes_from_its_flags():
+    from receler.cli import token_attack_settings
+
+    parse = build_parser().parse_args
+    for command in ("protocol", "attack"):
+        base = [command, "--concept", "car", "--out", "x"] + (
+            ["--erasers", "e"] if command == "attack" else [])
+        assert token_attack_settings(parse(base)) == {}  # AttackConfig's defaults
+        args = parse(base + ["--token-candidates", "8", "--token-sweeps", "1"])
+        assert token_attack_settings(args) == {"candidates": 8, "sweeps": 1}
+        with pytest.raises(ValueError, match="--token-sweeps must be positive, got 0"):
+            token_attack_settings(parse(base + ["--token-sweeps", "0"]))
+
+
 @pytest.mark.parametrize("space", ["output", "input"])
 def test_the_protocol_records_the_space_and_keys_the_output_space_as_before(
         space, tiny_model_dir, prompt_sets, colour_detector, tmp_path):

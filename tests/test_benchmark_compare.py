@@ -60,7 +60,8 @@ def test_latency_is_measured_again_alone_and_used_in_the_row(compare, tiny_model
     # the two differ); --collect checks and reuses both finished folders and writes the
     # per-seed rows, their spread and the picture.
     flags = ("--iterations 2 --ddim-steps 3 --adv-steps 0 --rank 4 --per-class 1 "
-             "--concept-rows 1 --attack-images 1 --attack-steps 1 --attack-tokens 1")
+             "--concept-rows 1 --attack-images 1 --attack-steps 1 --attack-tokens 1 "
+             "--token-candidates 2 --token-sweeps 1")
     label = f"receler ({flags})"
     work = tmp_path / "bench"
     seed0, seed3 = (compare.run_folder(work / "quick", "car", label, s) for s in (0, 3))
@@ -237,7 +238,8 @@ def test_the_exported_row_starts_from_the_same_seeds_erasers_and_is_checked(
     Protocol(ProtocolConfig(out=first, train=train, **common), show_progress=False).run()
     flags = ["--iterations", "2", "--ddim-steps", "3", "--adv-steps", "0", "--rank", "4",
              "--per-class", "1", "--concept-rows", "1", "--attack-images", "1",
-             "--attack-steps", "1", "--attack-tokens", "1"]
+             "--attack-steps", "1", "--attack-tokens", "1", "--token-candidates", "2",
+             "--token-sweeps", "1"]
     # other training settings: not copied (the run trains its own)
     other = [*flags[:1], "3", *flags[2:]]
     assert not compare.reuse_erasers(first, exported, "car", "receler", other,
@@ -256,6 +258,9 @@ def test_the_exported_row_starts_from_the_same_seeds_erasers_and_is_checked(
     args = (exported, "car", "receler")
     assert compare.stale(*args, flags + options, str(tiny_model_dir)) is None
     assert compare.stale(*args, flags, str(tiny_model_dir)) == "export=on, not off"
+    # a token attack of another size (here the default 64 candidates) is another evaluation
+    assert compare.stale(*args, flags[:-4] + options, str(tiny_model_dir)) == \
+        "token_candidates=2, not 64"
     assert compare.stale(*args, flags + options + ["--export-option", "iterations=3"],
                          str(tiny_model_dir)) == "export iterations=2, not 3"
     assert compare.stale(first, "car", "receler", flags + options,

@@ -14,7 +14,7 @@ from conftest import load_benchmark
 MULTI = Path(__file__).resolve().parents[1] / "benchmarks" / "multi.py"
 TINY = ["--per-class", "1", "--concept-rows", "2", "--sample-steps", "2",
         "--attack-images", "1", "--attack-prompts", "1", "--attack-steps", "1",
-        "--attack-tokens", "1"]
+        "--attack-tokens", "1", "--token-candidates", "4", "--token-sweeps", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,8 @@ def test_k_concepts_are_erased_by_one_edit_and_measured_without_each_other(tmp_p
     assert one["acc_l_remaining_n"] == 9 and two["acc_l_remaining_n"] == 8
     heart = json.loads((work / "uce" / "k2_seed0" / "heart" / "results.json").read_text())
     assert heart["erased"] == ["star", "heart"]
+    # the token attack's size flags reach the protocol
+    assert (heart["config"]["attack"]["candidates"], heart["config"]["attack"]["sweeps"]) == (4, 1)
     assert set(two["per_concept"]) == {"star", "heart"}
     assert two["attack_n"] == 2 and 0.0 <= two["attack_success_soft"] <= 1.0
     assert two["acc_e"] == pytest.approx((two["per_concept"]["star"]["acc_e"]

@@ -11,7 +11,7 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sequential.py"
 TINY = ["--per-class", "1", "--concept-rows", "2", "--sample-steps", "2",
         "--attack-images", "1", "--attack-prompts", "1", "--attack-steps", "1",
-        "--attack-tokens", "1"]
+        "--attack-tokens", "1", "--token-candidates", "4", "--token-sweeps", "1"]
 FAST = ["--iterations=2", "--adv-start=1", "--adv-steps=1", "--ddim-steps=3", "--rank=4",
         "--checkpoint-every=1", "--mask-image-every=0"]
 

@@ -49,6 +49,23 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                        default=None, help=f"{f.metadata['help']} (default: {f.default}{note})")
 
 
+def _add_token_attack_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token-candidates", type=int, default=None,
+                   help="token attack: vocabulary words tried at each position (default 64)")
+    p.add_argument("--token-sweeps", type=int, default=None,
+                   help="token attack: passes over every position (default 2)")
+
+
+def token_attack_settings(args) -> dict:
+    """The token attack's settings the flags give (``AttackConfig``'s default where not)."""
+    given = {k: v for k, v in (("candidates", args.token_candidates),
+                               ("sweeps", args.token_sweeps)) if v is not None}
+    for k, v in given.items():
+        if v <= 0:
+            raise ValueError(f"--token-{k} must be positive, got {v}")
+    return given
+
+
 def _add_concept_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--concept", required=True, action="append",
                    help=f"{what}; each value is one concept, commas kept (\"red, cat\" is one "
@@ -96,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--num-images", type=int, default=10, help="images per attacked prompt")
     a.add_argument("--attack-steps", type=int, default=100, help="soft-prompt optimisation steps")
     a.add_argument("--attack-tokens", type=int, default=8, help="attack tokens")
+    _add_token_attack_flags(a)
     a.add_argument("--detector", default="toy", help="detector that decides success")
     a.add_argument("--overwrite", action="store_true", help="replace an existing attack.json")
 
@@ -124,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--attack-steps", type=int, default=100,
                    help="soft-prompt attack steps (also measured at 3× this: *_3x keys)")
     r.add_argument("--attack-tokens", type=int, default=8, help="soft-prompt attack tokens")
+    _add_token_attack_flags(r)
     r.add_argument("--attack-space", choices=SPACES, default="output",
                    help="where the soft-prompt attack's tokens go: the text encoder's output "
                         "(default; bypasses the encoder) or its input word embeddings "
@@ -335,7 +354,8 @@ def cmd_attack(args) -> int:
     from .protocol import measure_attacks
     from .sampling import SamplerSettings
 
-    config = AttackConfig(steps=args.attack_steps, tokens=args.attack_tokens)
+    config = AttackConfig(steps=args.attack_steps, tokens=args.attack_tokens,
+                          **token_attack_settings(args))
     if args.num_images <= 0:
         raise ValueError(f"--num-images must be positive, got {args.num_images}")
     _refuse_existing(args.out / "attack.json", args.overwrite)
@@ -407,7 +427,8 @@ def cmd_protocol(args) -> int:
                          attack_prompts=args.attack_prompts,
                          device=args.device, dtype=args.dtype, train=train,
                          attack=AttackConfig(steps=args.attack_steps, tokens=args.attack_tokens,
-                                             space=args.attack_space),
+                                             space=args.attack_space,
+                                             **token_attack_settings(args)),
                          base_dir=args.base_dir, erasers=args.erasers, unet=args.unet,
                          text_encoder=args.text_encoder, lora=args.lora, name=args.name,
                          skip=skip, sample_steps=args.sample_steps,
