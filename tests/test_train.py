@@ -5,7 +5,15 @@ import json
 import pytest
 import torch
 
-from receler import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted, erase, get_erasers
+from receler import (
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    TrainingInterrupted,
+    erase,
+    get_erasers,
+    remove_erasers,
+)
 from receler.serialization import CHECKPOINT_FILE, ERASERS_FILE, read_tensors
 from receler.train import check_out_dir
 
@@ -145,6 +153,8 @@ def test_existing_output_is_refused_without_overwrite(pipe, tmp_path):
     ({"zt_base": 1.5}, "zt_base must lie in"),
     ({"zt_base": float("nan")}, "zt_base must lie in"),
     ({"base_images": 0}, "base_images must be positive"),
+    ({"concept_balance": -1.0}, "concept_balance must be >= 0"),
+    ({"concept_balance": float("nan")}, "concept_balance must be a finite"),
 ])
 def test_bad_settings_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -267,6 +277,37 @@ def test_adversary_pool_resumes_exactly(tiny_model_dir, tmp_path):
     t_full, t_res = train_and_resume(tiny_model_dir, tmp_path, adv_pool=2, adv_reset=2)
     assert all(torch.equal(x, y) for x, y in zip(t_full.adv["car"], t_res.adv["car"], strict=True))
     assert t_full.adv_uses == t_res.adv_uses
+
+
+def test_concept_balance_weighs_a_concept_by_its_guidance_energy(pipe, tmp_path):
+    """(mean energy / own energy)^B over the concepts seen so far, each energy a running
+    mean of ‖ε(c) − ε(∅)‖²; 1 with B = 0 or one concept."""
+    zero = torch.zeros(1, 4, 8, 8)
+
+    def weight(trainer, concept, energy):
+        return trainer.balance_weight(concept, zero, torch.full_like(zero, energy ** 0.5))
+
+    t = Trainer(pipe, config(concepts="car, dog", concept_balance=1.0), tmp_path / "a")
+    assert weight(t, "car", 4.0) == pytest.approx(1.0)  # the only concept seen
+    assert weight(t, "dog", 1.0) == pytest.approx(2.5)  # mean(4, 1) / 1
+    assert weight(t, "car", 4.0) == pytest.approx(0.625)  # 2.5 / 4
+    # dog's running mean 0.9·1 + 0.1·11 = 2: mean(4, 2) / 2
+    assert weight(t, "dog", 11.0) == pytest.approx(1.5)
+    for b, name, expected in ((0.5, "b", 2.5 ** 0.5), (0.0, "c", 1.0)):
+        remove_erasers(pipe.unet)
+        other = Trainer(pipe, config(concepts="car, dog", concept_balance=b), tmp_path / name)
+        weight(other, "car", 4.0)
+        assert weight(other, "dog", 1.0) == pytest.approx(expected)
+    remove_erasers(pipe.unet)
+    one = Trainer(pipe, config(concept_balance=1.0), tmp_path / "d")
+    assert weight(one, "car", 4.0) == weight(one, "car", 1.0) == 1.0
+
+
+def test_concept_balance_resumes_exactly(tiny_model_dir, tmp_path):
+    t_full, t_res = train_and_resume(tiny_model_dir, tmp_path, concepts="car, dog",
+                                     concept_balance=1.0)
+    assert t_full.guidance_energy == t_res.guidance_energy
+    assert all(v > 0 for v in t_full.guidance_energy.values())
 
 
 def test_anchors_naming_an_erased_concept_are_dropped(pipe, tmp_path):

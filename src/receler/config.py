@@ -197,6 +197,12 @@ class TrainConfig:
     eraser_act: str = _f("gelu", "the eraser MLP's non-linearity: 'gelu' (the paper) or 'linear' "
                                  "(none: each eraser is a low-rank linear map)")
     eta: float = _f(1.0, "negative guidance η of the erase target ε(∅) − η·(ε(c) − ε(∅))")
+    concept_balance: float = _f(
+        0.0, "with several concepts, each concept's erase loss is scaled by (the concepts' mean "
+        "guidance energy / its own)^B, the energy being a running mean of ‖ε(c) − ε(∅)‖² of the "
+        "frozen model on the iteration's z_t, so that a concept whose prompts move the model "
+        "little is not drowned out by the others on the shared erasers (0 = off; no effect "
+        "with one concept)")
     start_guidance: float = _f(3.0, "classifier-free guidance used when sampling z_t")
     ddim_steps: int = _f(50, "DDIM steps of the z_t sampler; t is drawn from them")
     zt_reuse: int = _f(1, "iterations that draw z_t from one cached DDIM trajectory (1 = a "
@@ -269,6 +275,7 @@ class TrainConfig:
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         non_negative = {"adv_steps": self.adv_steps, "adv_start": self.adv_start,
+                        "concept_balance": self.concept_balance,
                         "adv_reset": self.adv_reset,
                         "reg_weight": self.reg_weight, "anchor_weight": self.anchor_weight,
                         "mask_image_every": self.mask_image_every}
@@ -278,7 +285,7 @@ class TrainConfig:
         if not 0.0 <= self.zt_base <= 1.0:  # also refuses NaN
             raise ValueError(f"zt_base must lie in [0, 1], got {self.zt_base}")
         for name in ("lr", "adv_lr", "eta", "start_guidance", "base_guidance", "reg_weight",
-                     "anchor_weight"):
+                     "anchor_weight", "concept_balance"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0 or self.adv_lr <= 0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -174,6 +175,8 @@ class Trainer(TrainingLoop):
         # initialisation after ``adv_reset`` of its uses.
         self.adv, self.adv_start_values, self.adv_opts = {}, {}, {}
         self.adv_uses = {c: 0 for c in self.concepts}
+        # --concept-balance: each concept's running mean of ‖ε(c) − ε(∅)‖² (NaN: not seen yet)
+        self.guidance_energy = {c: float("nan") for c in self.concepts}
         for c, idx in self.tokens.items():
             start = idx[-1] + 1
             inits = []
@@ -286,9 +289,10 @@ class Trainer(TrainingLoop):
             attention = guidance_map(e_uncond, e_cond, attention.shape[-2])
         mask = binary_mask(attention, self.config.mask_threshold)
         target = erase_target(e_uncond, e_cond, self.config.eta)
+        weight = self.balance_weight(concept, e_uncond, e_cond)
         prompts, attack_losses = self.attack(concept, z, t, e_cond)  # 3. the attack
         loss_e, loss_m, loss_a = self.eraser_update(z, t, prompts, target, mask, shadowed,
-                                                    attack_losses)  # 4. the eraser step
+                                                    attack_losses, weight)  # 4. the eraser step
         return IterationResult(self.iteration, concept, steps_done, int(t), loss_e.item(),
                                loss_m.item(), attack_losses, mask[0].cpu(), attention[0].cpu(),
                                loss_a.item() if shadowed else None)
@@ -350,8 +354,26 @@ class Trainer(TrainingLoop):
         attacked = cond.with_hidden(self.adversarial_hidden(concept, soft.detach()))
         return (attacked if cfg.erase_on == "attacked" else cond.cat(attacked)), losses
 
-    def eraser_update(self, z, t, prompts, target, mask, shadowed, attack_losses):
-        """One eraser step on the erase, mask and anchor losses; returns the three."""
+    def balance_weight(self, concept: str, e_uncond: torch.Tensor, e_cond: torch.Tensor
+                       ) -> float:
+        """The weight of this iteration's erase loss under ``concept_balance`` B: (the
+        concepts' mean guidance energy / the concept's own)^B, each energy a running mean
+        (decay 0.9) of the frozen model's ‖ε(c) − ε(∅)‖² on the iterations' z_t; 1 when B is
+        0 or there is one concept. Unweighted, a concept whose guidance is weak (the erase
+        loss starts at η²‖ε(c) − ε(∅)‖²) moves the shared erasers least."""
+        b = self.config.concept_balance
+        if b == 0 or len(self.concepts) == 1:
+            return 1.0
+        energy = (e_cond.float() - e_uncond.float()).pow(2).mean().item()
+        was = self.guidance_energy[concept]
+        self.guidance_energy[concept] = energy if math.isnan(was) else 0.9 * was + 0.1 * energy
+        seen = [v for v in self.guidance_energy.values() if not math.isnan(v)]
+        return (sum(seen) / len(seen) / max(self.guidance_energy[concept], 1e-12)) ** b
+
+    def eraser_update(self, z, t, prompts, target, mask, shadowed, attack_losses,
+                      weight: float = 1.0):
+        """One eraser step on the erase (times ``weight``), mask and anchor losses; returns
+        the three, the erase loss unweighted."""
         cfg, n = self.config, prompts.hidden.shape[0]
         with record_eraser_outputs(self.unet) as outputs:
             e_erased = unet_eps(self.unet, z.expand(n, -1, -1, -1), t, prompts)
@@ -360,7 +382,7 @@ class Trainer(TrainingLoop):
                   else torch.zeros(()))
         loss_a = (sum(map(anchor_loss, shadowed)) / len(shadowed) if shadowed
                   else torch.zeros(()))
-        self.update(loss_e + cfg.reg_weight * loss_m + cfg.anchor_weight * loss_a,
+        self.update(weight * loss_e + cfg.reg_weight * loss_m + cfg.anchor_weight * loss_a,
                     tuple(attack_losses), samples=n)
         return loss_e, loss_m, loss_a
 
@@ -382,6 +404,8 @@ class Trainer(TrainingLoop):
         loop_tensors, meta = self.loop_state()
         tensors.update(loop_tensors)
         meta.update(optim=opt_meta, adv_optim=adv_meta, adv_uses=self.adv_uses,
+                    guidance_energy={c: None if math.isnan(v) else v
+                                     for c, v in self.guidance_energy.items()},
                     base_model=self.base_model)
         path = self.out_dir / CHECKPOINT_FILE
         save_tensors(path, tensors, meta)
@@ -403,6 +427,9 @@ class Trainer(TrainingLoop):
                 restore_optimizer(self.adv_opts[c][k], f"adv_optim.{name}", tensors,
                                   meta["adv_optim"][c if k == 0 else f"{c}#{k}"])
         self.adv_uses = {c: int(meta.get("adv_uses", {}).get(c, 0)) for c in self.concepts}
+        energy = meta.get("guidance_energy", {})
+        self.guidance_energy = {c: float("nan") if energy.get(c) is None else float(energy[c])
+                                for c in self.concepts}
         self.restore_loop_state(tensors, meta)
 
     # ------------------------------------------------------------------ the loop
