@@ -55,7 +55,6 @@ def measure_run(run: Path, steps: list[int], tokens: list[int], token_steps: int
     from receler.attack import target_latents
     from receler.attack_suite import attack_plan, soft_attack_suite, suite_key
     from receler.eval.detectors import get_detector
-    from receler.methods import edit_disabled, load_edit
     from receler.protocol import Protocol
     from receler.runs import protocol_config, read_results
     from receler.sampling import SamplerSettings
@@ -65,12 +64,20 @@ def measure_run(run: Path, steps: list[int], tokens: list[int], token_steps: int
     cfg = protocol_config(res, run)
     proto = Protocol(cfg, show_progress=False)
     settings = SamplerSettings.for_model(proto.model)
+    if cfg.sample_steps is not None:  # the run's own sampler steps
+        settings = replace(settings, steps=cfg.sample_steps)
     detector = get_detector(cfg.detector)
     pipe = load_pipeline(proto.model, device=c["device"], dtype=c["dtype"])
-    load_edit(pipe, run / "erasers")
+    # what the run measured: its erasers or edit, its merged export (not the erasers it was
+    # merged from, whose cached budgets would otherwise be mixed with the export's), or a
+    # candidate made elsewhere
+    candidate = proto.candidate or proto.finished_candidate()
+    if candidate is None:
+        raise ValueError(f"{run}: its training has not finished; finish the protocol run first")
+    candidate.apply(pipe)
     latents = target_latents(pipe, proto.concept_prompt(), cfg.attack.target_images,
                              steps=settings.steps, guidance=settings.guidance,
-                             seed=cfg.attack.seed, base=lambda: edit_disabled(pipe))
+                             seed=cfg.attack.seed, base=lambda: candidate.base(pipe))
     prompt = cfg.attack_prompt or proto.concept_prompt()
     plan = attack_plan(proto.rows, cfg.concept, cfg.attack_prompts, first=prompt,
                        seed=cfg.attack.seed)
@@ -83,7 +90,7 @@ def measure_run(run: Path, steps: list[int], tokens: list[int], token_steps: int
         budgets[cfg.attack.tokens] = sorted(set(steps) | {token_steps})
         for t, checkpoints in budgets.items():
             key = suite_key(which, cfg.detector, proto.concept_prompt(), settings)
-            with (edit_disabled(pipe) if which == "base" else nullcontext()):
+            with (candidate.base(pipe) if which == "base" else nullcontext()):
                 suite = soft_attack_suite(pipe, cfg.concept, plan, latents, detector, settings,
                                           replace(cfg.attack, tokens=t), checkpoints=checkpoints,
                                           n_images=cfg.attack_images, key=key, cache_dir=cache)

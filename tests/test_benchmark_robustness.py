@@ -13,12 +13,13 @@ from receler.protocol import Protocol, ProtocolConfig
 
 
 def tiny_run(out, model, detector, prompt_sets, *, attack_images, attack_prompts, iterations,
-             target_images, **train):
-    """A finished protocol run on the tiny pipeline, erasers without the attack."""
+             target_images, export=None, **train):
+    """A finished protocol run on the tiny pipeline, erasers without the attack (merged into
+    the UNet with ``export``, a MergeConfig)."""
     cfg = ProtocolConfig(
         concept="car", out=out, model=str(model), detector=detector, per_class=1,
         concept_rows=1, attack_images=attack_images, attack_prompts=attack_prompts,
-        prompts=prompt_sets,
+        prompts=prompt_sets, export=export, skip=("latency", "two-object"),
         train=TrainConfig(concepts="car", iterations=iterations, ddim_steps=3, adv_steps=0,
                           rank=4, mask_image_every=0, **train),
         attack=AttackConfig(tokens=2, steps=1, sweeps=1, candidates=2,
@@ -58,6 +59,42 @@ def test_curves_reuse_the_protocols_attacks_and_pool_every_attack(tiny_model_dir
     md = (tmp_path / "curves" / "robustness.md").read_text()
     assert "| run |" in md and "3 steps" in md and "1 tokens" in md
     assert Image.open(tmp_path / "curves" / "robustness_car.png").size == (720, 440)
+
+
+def test_an_exported_run_is_attacked_on_its_merged_unet(tiny_model_dir, prompt_sets,
+                                                        colour_detector, tmp_path, monkeypatch):
+    """Every budget of an exported run is measured on the merged UNet the run measured, not
+    on the erasers it was merged from (whose curve would be mixed with the export's cached
+    budgets)."""
+    import torch
+    from safetensors.torch import load_file
+
+    import receler.attack_suite as suite_module
+    from receler import get_erasers
+    from receler.merge import MergeConfig
+
+    robustness = load_benchmark("robustness")
+    out = tmp_path / "run"
+    res = tiny_run(out, tiny_model_dir, colour_detector, prompt_sets, attack_images=1,
+                   attack_prompts=1, iterations=2, target_images=1,
+                   export=MergeConfig(iterations=2, adv_steps=1, eval_trajectories=0,
+                                      checkpoint_every=1))
+    assert res["candidate"]["kind"] == "erase+export"
+    merged = load_file(str(next((out / "merged_unet").glob("*.safetensors"))))
+    seen, real = [], suite_module.soft_attack_suite
+
+    def suite(pipe, *args, **kwargs):
+        params = dict(pipe.unet.named_parameters())
+        seen.append((len(get_erasers(pipe.unet)),
+                     all(torch.equal(params[k], v) for k, v in merged.items() if k in params)))
+        return real(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(suite_module, "soft_attack_suite", suite)
+    rows = robustness.measure_run(out, steps=[0, 1], tokens=[2], token_steps=1,
+                                  include_base=False)
+    assert seen == [(0, True)]  # no erasers attached: the merged UNet's weights
+    erased = {r["steps"]: r for r in rows}
+    assert erased[1]["rate"] == res["attack_success_soft"]  # the protocol's cached budget
 
 
 def test_runs_that_differ_only_in_the_seed_pool_and_others_do_not():

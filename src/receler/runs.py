@@ -27,11 +27,17 @@ def training_passes(results: dict) -> int | None:
 
 
 def protocol_config(results: dict, run: str | Path | None = None) -> ProtocolConfig:
-    """The :class:`ProtocolConfig` whose prompts, counts, detector and attack a finished run
-    used (its training settings are not needed to measure it again); ``run`` is the run's
-    folder now, if it moved since."""
+    """The :class:`ProtocolConfig` whose prompts, counts, detector, attack, sampler steps and
+    candidate a finished run used: a model made elsewhere (``--erasers``, ``--unet``,
+    ``--text-encoder``, ``--lora``) and an export's settings, so that what is measured again
+    is the model the run measured (an exported run's merged UNet, not the erasers it was
+    merged from). Its training settings are not needed to measure it again. ``run`` is the
+    run's folder now, if it moved since."""
+    from .merge import MergeConfig, recorded_settings
+
     c = results["config"]
     prompts = c.get("prompts")
+    export = c.get("export")
     return ProtocolConfig(
         concept=results["concept"], out=Path(run if run is not None else c["out"]), model=c["model"],
         method=results["method"], detector=c["detector"], per_class=c["per_class"],
@@ -40,4 +46,8 @@ def protocol_config(results: dict, run: str | Path | None = None) -> ProtocolCon
         device=c.get("device"), dtype=c.get("dtype"), attack=AttackConfig(**c["attack"]),
         prompts=PromptSets(**{k: Path(v) if v else None for k, v in prompts.items()})
         if prompts else None,
-        base_dir=Path(c["base_dir"]) if c.get("base_dir") else None)
+        base_dir=Path(c["base_dir"]) if c.get("base_dir") else None,
+        erasers=Path(c["erasers"]) if c.get("erasers") else None, unet=c.get("unet"),
+        text_encoder=c.get("text_encoder"), lora=Path(c["lora"]) if c.get("lora") else None,
+        name=c.get("name"), sample_steps=c.get("sample_steps"),
+        export=MergeConfig.from_options(recorded_settings(export)) if export else None)
