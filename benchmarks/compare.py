@@ -82,21 +82,29 @@ def run_folder(work: Path, concept: str, label: str, seed: int = 0) -> Path:
 
 
 def plan(concepts: list[str], seeds: list[int], methods: list[str], variants: list[str],
-         published: str, seeded) -> list[tuple[str, list[tuple[str, str, list[str], int]]]]:
+         published: str, seeded, published_seed: int | None = None
+         ) -> list[tuple[str, list[tuple[str, str, list[str], int]]]]:
     """The runs of each concept, seed by seed: ``(concept, [(label, method, flags, seed)])``.
     A method without a training seed (``seeded(method)`` false) runs once, on the first
-    seed, and is given no ``--seed`` (the CLI refuses a setting the method would ignore)."""
+    seed, and is given no ``--seed`` (the CLI refuses a setting the method would ignore).
+    The published recipe runs once per concept it is asked for, with ``published_seed``
+    (default: the first seed)."""
+    def with_seed(label, m, f, seed):
+        return label, m, f + (["--seed", str(seed)] if seed and seeded(m) else []), seed
+
     order = []
     for i, concept in enumerate(concepts):
         runs = []
         for j, seed in enumerate(seeds):
             by_seed = [entry(m) for m in methods]
             by_seed += [(v["label"], v["method"], v["flags"]) for v in map(variant, variants)]
-            if j == 0 and (published == "all" or (published == "first" and i == 0)):
-                # the longest run early, so that it overlaps the others with --jobs > 1
-                by_seed.insert(1, (PUBLISHED["label"], PUBLISHED["method"], PUBLISHED["flags"]))
-            runs += [(label, m, f + (["--seed", str(seed)] if seed and seeded(m) else []), seed)
-                     for label, m, f in by_seed if j == 0 or seeded(m)]
+            runs += [with_seed(label, m, f, seed) for label, m, f in by_seed
+                     if j == 0 or seeded(m)]
+        if published == "all" or (published == "first" and i == 0):
+            # the longest run early, so that it overlaps the others with --jobs > 1
+            seed = seeds[0] if published_seed is None else published_seed
+            runs.insert(1, with_seed(PUBLISHED["label"], PUBLISHED["method"],
+                                     list(PUBLISHED["flags"]), seed))
         order.append((concept, runs))
     return order
 
@@ -467,6 +475,9 @@ def main() -> int:
     p.add_argument("--published", choices=["first", "all", "none"], default=None,
                    help="run the published recipe for the first concept, every concept or none "
                         "(default: all; with --quick: none)")
+    p.add_argument("--published-seed", type=int, default=None,
+                   help="training seed of the published recipe's runs (default: the first of "
+                        "--seeds)")
     p.add_argument("--jobs", type=int, default=1, help="protocols run at a time")
     p.add_argument("--latency-repeats", type=int, default=10,
                    help="after the runs, re-measure the latency overhead of each run of the "
@@ -515,7 +526,7 @@ def main() -> int:
     from receler.methods import get_method
 
     order = plan(concepts, seeds, methods, args.variant, published,
-                 lambda m: get_method(m).seeded)
+                 lambda m: get_method(m).seeded, args.published_seed)
 
     def write() -> None:
         """The table of every finished run so far (a killed benchmark keeps its rows)."""
@@ -552,7 +563,8 @@ def main() -> int:
         text = markdown(rows, header)
         for concept, runs in order:
             first = [(label, results[concept, label, seed][0]) for label, _, _, seed in runs
-                     if seed == seeds[0] and (concept, label, seed) in results]
+                     if (seed == seeds[0] or label == PUBLISHED["label"])
+                     and (concept, label, seed) in results]
             if first:
                 png = args.out.with_name(f"{args.out.stem}_{concept}.png")
                 picture(concept, first).save(png)

@@ -211,6 +211,14 @@ def test_methods_without_a_seed_run_once_and_are_given_no_seed(compare):
                     ("receler", "receler", ["--seed", "2"], 2)]
     ((_, runs),) = compare.plan(["star"], [0], ["uce"], [], "all", seeded)
     assert [r[0] for r in runs] == ["uce", compare.PUBLISHED["label"]]
+    # the published recipe on a seed of its own: its run folder and --seed follow it
+    seeded = {"receler": True, "uce": False}.__getitem__
+    ((_, runs),) = compare.plan(["star"], [1, 2], ["uce"], [], "all", seeded, published_seed=0)
+    assert runs == [("uce", "uce", [], 1), (compare.PUBLISHED["label"], "receler",
+                                            list(compare.PUBLISHED["flags"]), 0)]
+    ((_, runs),) = compare.plan(["star"], [1, 2], ["uce"], [], "all", seeded)
+    assert runs[1] == (compare.PUBLISHED["label"], "receler",
+                       [*compare.PUBLISHED["flags"], "--seed", "1"], 1)
 
 
 def test_the_exported_row_starts_from_the_same_seeds_erasers_and_is_checked(
