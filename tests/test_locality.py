@@ -52,6 +52,34 @@ def test_other_class_images_leave_the_concept_and_unclassed_rows_out(tmp_path):
     for name in ("0_0.png", "1_0.png", "1_1.png", "2_0.png", "3_0.png", "12_0.png", "x_0.png"):
         save(tmp_path, name, (0, 0, 0))
     assert other_class_images(rows, "star", tmp_path) == ["1_0.png", "1_1.png", "2_0.png"]
+    # a model that erased several concepts: every one of them is left out
+    assert other_class_images(rows, ["star", "square"], tmp_path) == ["1_0.png", "1_1.png"]
+
+
+def test_a_multi_concept_run_s_change_leaves_every_erased_concept_out(tmp_path):
+    """The other classes' change of a run measuring one of several erased concepts counts
+    only the classes none of them is; one recorded before that is measured again."""
+    from receler.eval.locality import run_image_change
+    from receler.eval.prompts import read_prompts
+    from receler.protocol import PromptSets
+
+    rows = read_prompts(PromptSets.toy().simple)
+    case = {c: next(r for r in rows if r.class_name == c).case_number
+            for c in ("circle", "square", "star")}
+    run = tmp_path / "run"
+    for c, n in case.items():  # circle kept as it was; square and star (erased) changed
+        save(tmp_path / "base" / "simple", f"{n}_0.png", (100, 100, 100))
+        save(run / "images" / "erased" / "simple", f"{n}_0.png",
+             (100, 100, 100) if c == "circle" else (255, 255, 255))
+    res = {"concept": "star", "erased": ["star", "square"], "base_images": str(tmp_path / "base"),
+           "image_change_others": {"n": 2, "pixel": 0.3, "feature": None}}  # square counted
+    change = run_image_change(run, res)
+    assert change["n"] == 1 and change["pixel"] == 0.0
+    assert change["left_out"] == ["square", "star"]
+    res["image_change_others"] = change  # recorded with the erased concepts left out: read
+    assert run_image_change(run, res) is change
+    single = {"concept": "star", "image_change_others": {"n": 2, "pixel": 0.3}}
+    assert run_image_change(run, single) is single["image_change_others"]
 
 
 def test_features_only_where_the_detector_has_them():

@@ -268,12 +268,14 @@ class Protocol:
 
     def image_change_others(self) -> dict | None:
         """How the other classes' simple-prompt images changed against the base model's,
-        same prompts and seeds (:func:`receler.eval.locality.image_change`)."""
+        same prompts and seeds (:func:`receler.eval.locality.image_change`), every concept
+        the candidate erased left out (``left_out``)."""
         from .eval.locality import features_of, image_change, other_class_images
 
         base, erased = self.folder("base") / "simple", self.folder("erased") / "simple"
-        names = other_class_images(self.rows["simple"], self.cfg.concept, erased)
-        return image_change(base, erased, names, features_of(self.detector))
+        names = other_class_images(self.rows["simple"], self.erased, erased)
+        change = image_change(base, erased, names, features_of(self.detector))
+        return change and {**change, "left_out": sorted(self.erased)}
 
     def concept_prompt(self) -> str:
         """A prompt that shows the concept: its first style or simple row."""

@@ -22,10 +22,13 @@ import numpy as np
 from PIL import Image
 
 
-def other_class_images(rows, concept: str, folder: Path) -> list[str]:
+def other_class_images(rows, concepts: str | list[str], folder: Path) -> list[str]:
     """Names (``{case}_{index}.png``) of the images in ``folder`` of the rows whose class is
-    not ``concept`` (rows without a class, such as style rows, are left out)."""
-    cases = {r.case_number for r in rows if r.class_name and r.class_name != concept}
+    none of ``concepts`` (every concept the model erased: a multi-concept model's other
+    erased classes are meant to change; rows without a class, such as style rows, are left
+    out)."""
+    left_out = {concepts} if isinstance(concepts, str) else set(concepts)
+    cases = {r.case_number for r in rows if r.class_name and r.class_name not in left_out}
     names = []
     for path in sorted(Path(folder).glob("*_*.png")):
         case, _, index = path.stem.rpartition("_")
@@ -83,8 +86,11 @@ def run_image_change(run: Path, res: dict, features: dict | None = None) -> dict
     its base model's, for runs made before the protocol recorded it; ``None`` without
     images. ``features`` (a dict) caches each detector's feature extractor across runs;
     without it only the pixel change is measured."""
-    if res.get("image_change_others"):
-        return res["image_change_others"]
+    erased_concepts = res.get("erased") or [res["concept"]]
+    recorded = res.get("image_change_others")
+    # recorded before the other erased concepts were left out: measured again
+    if recorded and (len(erased_concepts) == 1 or "left_out" in recorded):
+        return recorded
     from .prompts import read_prompts
 
     given = res.get("config", {}).get("prompts")  # the prompt files it used (None = toy)
@@ -97,7 +103,7 @@ def run_image_change(run: Path, res: dict, features: dict | None = None) -> dict
     erased = Path(run) / "images" / "erased" / "simple"
     if not res.get("base_images") or not erased.is_dir():
         return None
-    names = other_class_images(read_prompts(simple), res["concept"], erased)
+    names = other_class_images(read_prompts(simple), erased_concepts, erased)
     if not names:
         return None
     extractor = None
@@ -109,4 +115,5 @@ def run_image_change(run: Path, res: dict, features: dict | None = None) -> dict
             features[detector] = features_of(get_detector(detector)) if detector == "toy" \
                 else None
         extractor = features[detector]
-    return image_change(Path(res["base_images"]) / "simple", erased, names, extractor)
+    change = image_change(Path(res["base_images"]) / "simple", erased, names, extractor)
+    return change and {**change, "left_out": sorted(erased_concepts)}
