@@ -254,11 +254,15 @@ def remaining_locality(res: dict) -> dict:
 def row(method: str, k: int, seed: int, concepts: list[str], results: list[dict]) -> dict:
     from statistics import fmean
 
+    from receler.eval.locality import run_image_change
     from receler.runs import training_passes
 
     train = results[0]["train"] or {}
     soft, soft3 = pooled(results), pooled(results, "_3x")
     local = remaining_locality(results[0])
+    # how the remaining classes' images changed (every erased concept left out; the runs
+    # of one eraser set share these images)
+    change = run_image_change(Path(results[0]["config"]["out"]), results[0], {}) or {}
     acc_r = [r["acc_r"] for r in results if r["acc_r"] is not None]
     return {
         "method": method, "k": k, "seed": seed, "concepts": concepts,
@@ -270,6 +274,8 @@ def row(method: str, k: int, seed: int, concepts: list[str], results: list[dict]
         "acc_l_remaining": local["acc_l"], "acc_l_remaining_n": local["n"],
         "acc_l_remaining_ci": local["ci"], "worst_remaining_class": local["worst_class"],
         "worst_remaining_ratio": local["worst_ratio"],
+        "pixel_change_remaining": change.get("pixel"),
+        "feature_change_remaining": change.get("feature"),
         "two_object_locality": fmean(r["two_object_locality"] for r in results
                                      if r["two_object_locality"] is not None)
         if any(r["two_object_locality"] is not None for r in results) else None,
@@ -290,10 +296,14 @@ def to_markdown(rows: list[dict]) -> str:
              "One eraser set (or edit) per method, k and seed; each erased concept measured by "
              "the protocol. Soft attack: pooled over the erased concepts' attacked images, "
              "Wilson 95% interval. Acc_L: the classes not erased; worst: the remaining "
-             "class furthest below its base rate (rate / base rate).", "",
+             "class furthest below its base rate (rate / base rate); pixel Δ / feature Δ: "
+             "how the remaining classes' images changed against the base model's (mean |Δ| "
+             "of the RGB values, 0-1; mean cosine distance of the toy detector's features).",
+             "",
              "| method | k | seed | concepts | Acc_E | Acc_R | soft attack | at 3× | Acc_L "
-             "remaining | worst remaining | two-object | UNet passes | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "remaining | worst remaining | pixel Δ | feature Δ | two-object | UNet passes "
+             "| train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = r["attack_ci"]
         attack = (f"{fmt(r['attack_success_soft'])} [{fmt(ci[0])}, {fmt(ci[1])}] of "
@@ -304,7 +314,9 @@ def to_markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['method']} | {r['k']} | {r['seed']} | {', '.join(r['concepts'])} "
                      f"| {fmt(r['acc_e'])} | {fmt(r['acc_r'])} | {attack} | "
                      f"{fmt(r['attack_success_soft_3x'])} | {fmt(r['acc_l_remaining'])} | "
-                     f"{worst} | {fmt(r['two_object_locality'])} | {passes} | "
+                     f"{worst} | {fmt(r.get('pixel_change_remaining'), 3)} | "
+                     f"{fmt(r.get('feature_change_remaining'), 4)} | "
+                     f"{fmt(r['two_object_locality'])} | {passes} | "
                      f"{fmt(r['train_seconds'], 0)} |")
     return "\n".join(lines) + "\n"
 

@@ -68,6 +68,11 @@ def test_k_concepts_are_erased_by_one_edit_and_measured_without_each_other(tmp_p
     assert saved["concepts"] == ["star", "heart"]
     # locality on the classes not erased: 9 then 8 classes, one simple prompt each
     assert one["acc_l_remaining_n"] == 9 and two["acc_l_remaining_n"] == 8
+    # the remaining classes' image change, both erased concepts left out
+    star_run = json.loads((work / "uce" / "k2_seed0" / "star" / "results.json").read_text())
+    assert star_run["image_change_others"]["left_out"] == ["heart", "star"]
+    assert two["pixel_change_remaining"] == star_run["image_change_others"]["pixel"]
+    assert 0.0 <= two["feature_change_remaining"] <= 2.0
     heart = json.loads((work / "uce" / "k2_seed0" / "heart" / "results.json").read_text())
     assert heart["erased"] == ["star", "heart"]
     # the token attack's size flags reach the protocol
