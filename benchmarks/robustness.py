@@ -217,7 +217,8 @@ def to_picture(rows: list[dict], concept: str, default_tokens: int,
     d.text(((x0 + x1) // 2 - 30, y1 + 24), "attack steps", fill="black")
     for i, m in enumerate(methods):
         col = COLOURS[i % len(COLOURS)]
-        pts = sorted((r["steps"], r) for r in mine if r["method"] == m)
+        pts = [(r["steps"], r) for r in sorted((r for r in mine if r["method"] == m),
+                                               key=lambda r: r["steps"])]
         off = (i - len(methods) / 2) * 3  # keep overlapping bars apart
         line = [(xs[s] + off, y(r["rate"])) for s, r in pts]
         if len(line) > 1:
@@ -284,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     for run in tqdm(args.runs, desc="runs"):
         res = results[run]
         default_tokens = default_tokens or res["config"]["attack"]["tokens"]
-        base_key = f"{res['concept']}|{res['config']['base_dir']}"
+        c = res["config"]  # the base model's attack, whichever folder caches it
+        base_key = json.dumps([res["concept"], c["model"], c["detector"], c["attack"],
+                               c["attack_images"], c["attack_prompts"], c.get("sample_steps")],
+                              sort_keys=True)
         rows += measure_run(run, steps, tokens, TOKEN_STEPS, include_base=base_key not in seen_base)
         seen_base.add(base_key)
         name_runs(rows, {str(r): res for r, res in results.items()})

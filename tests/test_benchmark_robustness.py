@@ -13,13 +13,13 @@ from receler.protocol import Protocol, ProtocolConfig
 
 
 def tiny_run(out, model, detector, prompt_sets, *, attack_images, attack_prompts, iterations,
-             target_images, export=None, **train):
+             target_images, export=None, base_dir=None, **train):
     """A finished protocol run on the tiny pipeline, erasers without the attack (merged into
     the UNet with ``export``, a MergeConfig)."""
     cfg = ProtocolConfig(
         concept="car", out=out, model=str(model), detector=detector, per_class=1,
         concept_rows=1, attack_images=attack_images, attack_prompts=attack_prompts,
-        prompts=prompt_sets, export=export, skip=("latency", "two-object"),
+        prompts=prompt_sets, export=export, skip=("latency", "two-object"), base_dir=base_dir,
         train=TrainConfig(concepts="car", iterations=iterations, ddim_steps=3, adv_steps=0,
                           rank=4, mask_image_every=0, **train),
         attack=AttackConfig(tokens=2, steps=1, sweeps=1, candidates=2,
@@ -95,6 +95,24 @@ def test_an_exported_run_is_attacked_on_its_merged_unet(tiny_model_dir, prompt_s
     assert seen == [(0, True)]  # no erasers attached: the merged UNet's weights
     erased = {r["steps"]: r for r in rows}
     assert erased[1]["rate"] == res["attack_success_soft"]  # the protocol's cached budget
+
+
+def test_one_base_model_in_two_base_folders_is_one_line(tiny_model_dir, prompt_sets,
+                                                       colour_detector, tmp_path):
+    """Two runs whose base images lie in two folders measure one base model: one base line
+    (two used to be drawn under one label, and the plot failed on them)."""
+    robustness = load_benchmark("robustness")
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for i, out in enumerate(runs):  # each keeps its base model in a folder of its own
+        tiny_run(out, tiny_model_dir, colour_detector, prompt_sets, attack_images=1,
+                 attack_prompts=1, iterations=1, target_images=1, seed=i,
+                 base_dir=tmp_path / f"base{i}")
+    assert robustness.main([*map(str, runs), "--out", str(tmp_path / "curves"), "--steps",
+                            "0,1", "--tokens", "2"]) == 0
+    rows = json.loads((tmp_path / "curves" / "robustness.json").read_text())
+    base = [r for r in rows if r["method"] == "base (no erasure)"]
+    assert sorted(r["steps"] for r in base) == [0, 1, 100]  # each budget once
+    assert (tmp_path / "curves" / "robustness_car.png").is_file()
 
 
 def test_runs_that_differ_only_in_the_seed_pool_and_others_do_not():
