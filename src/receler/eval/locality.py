@@ -86,10 +86,9 @@ def run_image_change(run: Path, res: dict, features: dict | None = None) -> dict
     its base model's, for runs made before the protocol recorded it; ``None`` without
     images. ``features`` (a dict) caches each detector's feature extractor across runs;
     without it only the pixel change is measured."""
-    erased_concepts = res.get("erased") or [res["concept"]]
     recorded = res.get("image_change_others")
     # recorded before the other erased concepts were left out: measured again
-    if recorded and (len(erased_concepts) == 1 or "left_out" in recorded):
+    if recorded and (len(res.get("erased") or []) <= 1 or "left_out" in recorded):
         return recorded
     from .prompts import read_prompts
 
@@ -103,6 +102,7 @@ def run_image_change(run: Path, res: dict, features: dict | None = None) -> dict
     erased = Path(run) / "images" / "erased" / "simple"
     if not res.get("base_images") or not erased.is_dir():
         return None
+    erased_concepts = res.get("erased") or [res["concept"]]
     names = other_class_images(read_prompts(simple), erased_concepts, erased)
     if not names:
         return None
