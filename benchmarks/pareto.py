@@ -192,10 +192,14 @@ def mark_cost_front(pool: list[dict]) -> None:
             for o in pool)
 
 
+def esd_x_runs(pool: list[dict], concept: str) -> list[dict]:
+    """ESD-x's pooled runs on the concept."""
+    return [p for p in pool if p["concept"] == concept and p["method"].split(" ")[0] == "esd-x"]
+
+
 def esd_x_passes(pool: list[dict], concept: str) -> float | None:
     """ESD-x's mean UNet passes on the concept (its pooled runs), the cost yardstick."""
-    mine = [p["unet_passes"] for p in pool if p["concept"] == concept
-            and p["method"].split(" ")[0] == "esd-x" and p["unet_passes"]]
+    mine = [p["unet_passes"] for p in esd_x_runs(pool, concept) if p["unet_passes"]]
     return sum(mine) / len(mine) if mine else None
 
 
@@ -264,8 +268,7 @@ def to_markdown(rows: list[dict]) -> str:
         if not fit:
             continue
         lines += [f"### {concept}", ""]
-        esd_runs = [p for p in pool if p["concept"] == concept
-                    and p["method"].split(" ")[0] == "esd-x"]
+        esd_runs = esd_x_runs(pool, concept)
         if esd and all((p["acc_e"] or 0) > ERASES for p in esd_runs):
             worst = min(p["acc_e"] for p in esd_runs)
             lines += [f"ESD-x does not erase {concept} (Acc_E {worst:.2f}): × ESD-x compares "

@@ -217,14 +217,13 @@ def to_picture(rows: list[dict], concept: str, default_tokens: int,
     d.text(((x0 + x1) // 2 - 30, y1 + 24), "attack steps", fill="black")
     for i, m in enumerate(methods):
         col = COLOURS[i % len(COLOURS)]
-        pts = [(r["steps"], r) for r in sorted((r for r in mine if r["method"] == m),
-                                               key=lambda r: r["steps"])]
+        pts = sorted((r for r in mine if r["method"] == m), key=lambda r: r["steps"])
         off = (i - len(methods) / 2) * 3  # keep overlapping bars apart
-        line = [(xs[s] + off, y(r["rate"])) for s, r in pts]
+        line = [(xs[r["steps"]] + off, y(r["rate"])) for r in pts]
         if len(line) > 1:
             d.line(line, fill=col, width=2)
-        for s, r in pts:
-            x = xs[s] + off
+        for r in pts:
+            x = xs[r["steps"]] + off
             d.line((x, y(r["low"]), x, y(r["high"])), fill=col, width=1)
             d.ellipse((x - 3, y(r["rate"]) - 3, x + 3, y(r["rate"]) + 3), fill=col)
         d.rectangle((x1 + 12, y0 + 18 * i + 3, x1 + 22, y0 + 18 * i + 13), fill=col)

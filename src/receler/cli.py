@@ -50,10 +50,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_token_attack_flags(p: argparse.ArgumentParser) -> None:
+    from .attack import AttackConfig  # torch, not diffusers
+
     p.add_argument("--token-candidates", type=int, default=None,
-                   help="token attack: vocabulary words tried at each position (default 64)")
+                   help="token attack: vocabulary words tried at each position (default "
+                        f"{AttackConfig.candidates})")
     p.add_argument("--token-sweeps", type=int, default=None,
-                   help="token attack: passes over every position (default 2)")
+                   help=f"token attack: passes over every position (default {AttackConfig.sweeps})")
 
 
 def token_attack_settings(args) -> dict:
