@@ -25,6 +25,16 @@ WORK/receler-exported/kK_seedS/merged_unet`` with the export's defaults (``--exp
 passes others), then ``receler protocol --unet`` for each erased concept; its cost is both
 stages'.
 
+Rows trained or exported with ``--erase-flag`` / ``--export-flag`` carry those flags as
+their variant (``receler (--concept-balance=1)`` in the table); a flag of the form
+``--name=value`` is checked against the settings the run recorded, so a collection cannot
+label a run with settings it was not trained with. ``--append`` keeps the rows already in
+``--out`` (a row of the same method, variant, k and seed is replaced), so runs of several
+work folders share one table:
+
+    python benchmarks/multi.py --collect --methods receler --k 5 --seeds 1 \
+        --work runs/multi_bal --erase-flag=--concept-balance=1 --append
+
 Finished steps are reused, so a killed run resumes where it stopped. Writes ``multi.json``,
 ``multi.md`` and ``multi.png`` into ``--out`` (default benchmarks/results/multi).
 """
@@ -81,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="passed to every protocol run (e.g. --protocol-flag=--per-class=2)")
     p.add_argument("--collect", action="store_true",
                    help="only tabulate the finished runs; train and measure nothing")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows already in --out's multi.json (a row of the same "
+                        "method, variant, k and seed is replaced)")
     args = p.parse_args(argv)
     try:
         args.k = [int(v) for v in args.k.split(",")]
@@ -123,6 +136,55 @@ def run(cmd: list[str], log: Path, threads: int) -> None:
         raise SystemExit(f"error: receler {cmd[0]} failed (exit {code}); see {log}:\n"
                          + "\n".join(tail))
     print(f"  {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def variant(args, method: str) -> str:
+    """The flags a row's run was made with beyond the script's own: the erase flags, and the
+    export flags as well for EXPORTED ("" for the defaults)."""
+    flags = list(args.erase_flag)
+    if method == EXPORTED:
+        flags += args.export_flag
+    return " ".join(flags)
+
+
+def check_flags(flags: list[str], recorded: dict, where: Path) -> None:
+    """Refuse a ``--name=value`` flag whose setting ``recorded`` holds with another value
+    (a list-valued setting is not compared: its flag spells it in more than one way)."""
+    for flag in flags:
+        name, sep, value = flag.lstrip("-").partition("=")
+        key = name.replace("-", "_")
+        if not sep or key not in recorded or isinstance(recorded[key], (list, dict)):
+            continue
+        have = recorded[key]
+        try:
+            same = (float(value) == float(have) if isinstance(have, (int, float))
+                    and not isinstance(have, bool) else str(have) == value)
+        except ValueError:
+            same = False
+        if not same:
+            raise SystemExit(f"error: {where} was made with {key}={have}, not {flag}: pass "
+                             "the flags it was made with, or another --work")
+
+
+def check_recorded(args, method: str, k: int, seed: int) -> None:
+    """Check the erase flags against the eraser set's recorded training settings and, for
+    EXPORTED, the export flags against the merged UNet's recorded settings."""
+    from receler.merge import MERGE_FILE
+    from receler.serialization import CONFIG_FILE
+
+    erasers = folder(args, trained_by(method), k, seed) / "erasers" / CONFIG_FILE
+    if erasers.is_file():
+        saved = json.loads(erasers.read_text())
+        check_flags(args.erase_flag, {**(saved.get("train") or {}), **(saved.get("options") or {})},
+                    erasers.parent)
+    merged = folder(args, method, k, seed) / "merged_unet" / MERGE_FILE
+    if method == EXPORTED and merged.is_file():
+        check_flags(args.export_flag, json.loads(merged.read_text()).get("merge") or {},
+                    merged.parent)
+
+
+def label(r: dict) -> str:
+    return f"{r['method']} ({r['variant']})" if r.get("variant") else r["method"]
 
 
 def trains(method: str) -> bool:
@@ -251,7 +313,8 @@ def remaining_locality(res: dict) -> dict:
             "worst_ratio": min(ratio.values()) if ratio else None}
 
 
-def row(method: str, k: int, seed: int, concepts: list[str], results: list[dict]) -> dict:
+def row(method: str, k: int, seed: int, concepts: list[str], results: list[dict],
+        variant: str = "") -> dict:
     from statistics import fmean
 
     from receler.eval.locality import run_image_change
@@ -265,7 +328,7 @@ def row(method: str, k: int, seed: int, concepts: list[str], results: list[dict]
     change = run_image_change(Path(results[0]["config"]["out"]), results[0], {}) or {}
     acc_r = [r["acc_r"] for r in results if r["acc_r"] is not None]
     return {
-        "method": method, "k": k, "seed": seed, "concepts": concepts,
+        "method": method, "variant": variant, "k": k, "seed": seed, "concepts": concepts,
         "acc_e": fmean(r["acc_e"] for r in results), "acc_r": fmean(acc_r) if acc_r else None,
         "acc_e_max": max(r["acc_e"] for r in results),
         "attack_success_soft": soft and soft["rate"], "attack_n": soft and soft["n"],
@@ -311,7 +374,7 @@ def to_markdown(rows: list[dict]) -> str:
         worst = (f"{r['worst_remaining_class']} {fmt(r['worst_remaining_ratio'])}"
                  if r["worst_remaining_class"] else "–")
         passes = f"{r['unet_passes']:,}" if r["unet_passes"] is not None else "–"
-        lines.append(f"| {r['method']} | {r['k']} | {r['seed']} | {', '.join(r['concepts'])} "
+        lines.append(f"| {label(r)} | {r['k']} | {r['seed']} | {', '.join(r['concepts'])} "
                      f"| {fmt(r['acc_e'])} | {fmt(r['acc_r'])} | {attack} | "
                      f"{fmt(r['attack_success_soft_3x'])} | {fmt(r['acc_l_remaining'])} | "
                      f"{worst} | {fmt(r.get('pixel_change_remaining'), 3)} | "
@@ -329,7 +392,7 @@ def to_picture(rows: list[dict], size: tuple[int, int] = (1180, 340)) -> Image.I
     w, h = size
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(label(r) for r in rows))
     ks = sorted({r["k"] for r in rows})
     panels = [("soft attack success", "attack_success_soft", (0.0, 1.0)),
               ("Acc_L, classes not erased", "acc_l_remaining", (0.0, 1.0)),
@@ -360,7 +423,7 @@ def to_picture(rows: list[dict], size: tuple[int, int] = (1180, 340)) -> Image.I
             col = COLOURS[m % len(COLOURS)]
             points = []
             for k in ks:
-                mine = [r for r in rows if r["method"] == method and r["k"] == k
+                mine = [r for r in rows if label(r) == method and r["k"] == k
                         and r[key] is not None]
                 if not mine:
                     continue
@@ -373,10 +436,12 @@ def to_picture(rows: list[dict], size: tuple[int, int] = (1180, 340)) -> Image.I
                 d.ellipse((x - 4, py(v) - 4, x + 4, py(v) + 4), fill=col)
             if len(points) > 1:
                 d.line(points, fill=col, width=2)
+    x = 40
     for m, method in enumerate(methods):
         col = COLOURS[m % len(COLOURS)]
-        d.rectangle((40 + 150 * m, h - 24, 50 + 150 * m, h - 14), fill=col)
-        d.text((56 + 150 * m, h - 26), method, fill="black")
+        d.rectangle((x, h - 24, x + 10, h - 14), fill=col)
+        d.text((x + 16, h - 26), method, fill="black")
+        x += 30 + int(d.textlength(method))
     return img
 
 
@@ -393,9 +458,24 @@ def write(rows: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def key(r: dict) -> tuple:
+    return r["method"], r.get("variant") or "", r["k"], r["seed"]
+
+
+def merged_rows(kept: list[dict], rows: list[dict]) -> list[dict]:
+    """``kept`` with any row of the same method, variant, k and seed replaced by the one in
+    ``rows``, then the rows that are new."""
+    new = {key(r): r for r in rows}
+    out = [new.pop(key(r), r) for r in kept]
+    return out + [r for r in rows if key(r) in new]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows = []
+    kept = []  # the rows already in --out, with --append
+    if args.append and (args.out / "multi.json").is_file():
+        kept = json.loads((args.out / "multi.json").read_text())
     for method in args.methods:
         for k in args.k:
             concepts = args.order[:k]
@@ -403,6 +483,7 @@ def main(argv=None) -> int:
                 if seed != args.seeds[0] and not seeded(method):
                     continue  # a closed-form edit does not depend on the seed
                 base = folder(args, method, k, seed)
+                check_recorded(args, method, k, seed)
                 if args.collect:
                     done = [base / c / "results.json" for c in concepts]
                     if not all(f.is_file() for f in done):
@@ -420,15 +501,15 @@ def main(argv=None) -> int:
                     cost = exported_cost(folder(args, "receler", k, seed) / "erasers",
                                          base / "merged_unet")
                     results = [{**r, "train": cost} for r in results]
-                rows.append(row(method, k, seed, concepts, results))
-                write(rows, args.out)
+                rows.append(row(method, k, seed, concepts, results, variant(args, method)))
+                write(merged_rows(kept, rows), args.out)
                 r = rows[-1]
                 print(f"{method} k={k} seed {seed}: Acc_E {fmt(r['acc_e'])} soft "
                       f"{fmt(r['attack_success_soft'])} Acc_L remaining "
                       f"{fmt(r['acc_l_remaining'])}", flush=True)
     if not rows:
         raise SystemExit("error: no finished run to tabulate: run without --collect first")
-    print("\n".join(str(p) for p in write(rows, args.out)))
+    print("\n".join(str(p) for p in write(merged_rows(kept, rows), args.out)))
     return 0
 
 

@@ -100,17 +100,24 @@ def test_exported_row_measures_the_merged_unet_of_receler_s_erasers(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     erase = ["--iterations=2", "--adv-start=0", "--adv-steps=0", "--ddim-steps=3", "--rank=4",
              "--base-images=1"]
-    proc = subprocess.run(
-        [sys.executable, str(MULTI), "--methods", "receler-exported", "--k", "2", "--seeds", "0",
-         "--order", "star,heart", "--work", str(work), "--base-work", str(tmp_path / "b"),
-         "--out", str(out), "--skip", "latency,two-object",
-         *(f"--protocol-flag={f}" for f in TINY), *(f"--erase-flag={f}" for f in erase),
-         "--export-flag=--iterations=2", "--export-flag=--adv-steps=1",
-         "--export-flag=--eval-trajectories=0"],
-        capture_output=True, text=True, timeout=600)
+    export = ["--iterations=2", "--adv-steps=1", "--eval-trajectories=0"]
+
+    def bench(*extra, erase=erase, export=export):
+        return subprocess.run(
+            [sys.executable, str(MULTI), "--methods", "receler-exported", "--k", "2", "--seeds",
+             "0", "--order", "star,heart", "--work", str(work), "--base-work",
+             str(tmp_path / "b"), "--out", str(out), "--skip", "latency,two-object",
+             *(f"--protocol-flag={f}" for f in TINY), *(f"--erase-flag={f}" for f in erase),
+             *(f"--export-flag={f}" for f in export), *extra],
+            capture_output=True, text=True, timeout=600)
+
+    proc = bench()
     assert proc.returncode == 0, proc.stderr + proc.stdout
     [row] = json.loads((out / "multi.json").read_text())
     assert (row["method"], row["k"], row["concepts"]) == ("receler-exported", 2, ["star", "heart"])
+    # the flags the run was made with label its row
+    assert row["variant"] == " ".join(erase + export)
+    assert f"| receler-exported ({row['variant']}) | 2 | 0 |" in (out / "multi.md").read_text()
     erasers = json.loads((work / "receler" / "k2_seed0" / "erasers" / "eraser_config.json")
                          .read_text())
     merged = work / "receler-exported" / "k2_seed0"
@@ -122,3 +129,17 @@ def test_exported_row_measures_the_merged_unet_of_receler_s_erasers(tmp_path):
     both = (erasers["stats"]["unet_forward"] + erasers["stats"]["unet_backward"]
             + export["stats"]["unet_forward"] + export["stats"]["unet_backward"])
     assert row["unet_passes"] == both
+
+    # a collection cannot label the run with settings it was not made with ...
+    for wrong in (dict(erase=[*erase[:-2], "--rank=8"]),
+                  dict(export=["--iterations=2", "--adv-steps=3"])):
+        proc = bench("--collect", **wrong)
+        assert proc.returncode != 0
+        assert ("rank=4, not --rank=8" in proc.stderr if "erase" in wrong
+                else "adv_steps=1, not --adv-steps=3" in proc.stderr), proc.stderr
+    # ... and --append keeps the rows of other work folders, replacing the same row
+    other = {**row, "method": "receler", "variant": "--concept-balance=1"}
+    (out / "multi.json").write_text(json.dumps([other, {**row, "acc_e": -1.0}]))
+    assert bench("--collect", "--append").returncode == 0
+    assert json.loads((out / "multi.json").read_text()) == [other, row]
+    assert "| receler (--concept-balance=1) | 2 |" in (out / "multi.md").read_text()
