@@ -26,9 +26,10 @@ passes others), then ``receler protocol --unet`` for each erased concept; its co
 stages'.
 
 Rows trained or exported with ``--erase-flag`` / ``--export-flag`` carry those flags as
-their variant (``receler (--concept-balance=1)`` in the table); a flag of the form
-``--name=value`` is checked against the settings the run recorded, so a collection cannot
-label a run with settings it was not trained with. ``--append`` keeps the rows already in
+their variant (``receler (--concept-balance=1)`` in the table). An eraser set already in
+``--work`` is checked against the training settings these flags ask for (and a merged UNet
+against the export settings), so a run is neither reused nor labelled with
+settings it was not made with. ``--append`` keeps the rows already in
 ``--out`` (a row of the same method, variant, k and seed is replaced), so runs of several
 work folders share one table:
 
@@ -147,40 +148,56 @@ def variant(args, method: str) -> str:
     return " ".join(flags)
 
 
-def check_flags(flags: list[str], recorded: dict, where: Path) -> None:
-    """Refuse a ``--name=value`` flag whose setting ``recorded`` holds with another value
-    (a list-valued setting is not compared: its flag spells it in more than one way)."""
-    for flag in flags:
-        name, sep, value = flag.lstrip("-").partition("=")
-        key = name.replace("-", "_")
-        if not sep or key not in recorded or isinstance(recorded[key], (list, dict)):
-            continue
-        have = recorded[key]
-        try:
-            same = (float(value) == float(have) if isinstance(have, (int, float))
-                    and not isinstance(have, bool) else str(have) == value)
-        except ValueError:
-            same = False
-        if not same:
-            raise SystemExit(f"error: {where} was made with {key}={have}, not {flag}: pass "
-                             "the flags it was made with, or another --work")
+def erase_argv(args, method: str, concepts: list[str], seed: int) -> list[str]:
+    """The ``receler erase`` arguments of a row's eraser set (without --resume)."""
+    argv = ["erase", *(f"--concept={c}" for c in concepts), "--method", method, "--out",
+            str(folder(args, method, len(concepts), seed) / "erasers"),
+            *(["--seed", str(seed)] if seeded(method) else []),
+            "--threads", str(args.threads), "--quiet",
+            *scaled_flags(method, len(concepts), args.model, args.erase_flag), *args.erase_flag]
+    return argv + (["--model", args.model] if args.model else [])
 
 
-def check_recorded(args, method: str, k: int, seed: int) -> None:
-    """Check the erase flags against the eraser set's recorded training settings and, for
-    EXPORTED, the export flags against the merged UNet's recorded settings."""
+def check_recorded(args, method: str, concepts: list[str], seed: int) -> None:
+    """Refuse a finished or checkpointed eraser set trained with other settings than these
+    flags ask for (so a row cannot carry another run's label: a balanced set collected
+    without its flag is refused, not called ``receler``), and, for EXPORTED, a merged UNet
+    exported with other settings than the export flags ask for."""
+    from receler.cli import _train_config, build_parser
     from receler.merge import MERGE_FILE
-    from receler.serialization import CONFIG_FILE
+    from receler.methods.edits import EditConfig
+    from receler.methods.registry import settings_mismatch
+    from receler.serialization import CHECKPOINT_FILE, CONFIG_FILE
 
-    erasers = folder(args, trained_by(method), k, seed) / "erasers" / CONFIG_FILE
-    if erasers.is_file():
-        saved = json.loads(erasers.read_text())
-        check_flags(args.erase_flag, {**(saved.get("train") or {}), **(saved.get("options") or {})},
-                    erasers.parent)
-    merged = folder(args, method, k, seed) / "merged_unet" / MERGE_FILE
+    trainer = trained_by(method)
+    erasers = folder(args, trainer, len(concepts), seed) / "erasers"
+    saved = erasers / CONFIG_FILE
+    if not saved.is_file() and (erasers / CHECKPOINT_FILE).is_file():
+        saved = None  # a checkpoint: `receler erase --resume` checks it itself
+    if saved is not None and saved.is_file():
+        cli = build_parser().parse_args(erase_argv(args, trainer, concepts, seed))
+        why = settings_mismatch(trainer, _train_config(cli, cli.concept, trainer, quiet=True),
+                                EditConfig.load(saved))
+        if why:
+            raise SystemExit(f"error: {erasers} was trained with {why}: pass the flags it was "
+                             "trained with (--erase-flag), or another --work")
+    merged = folder(args, method, len(concepts), seed) / "merged_unet" / MERGE_FILE
     if method == EXPORTED and merged.is_file():
-        check_flags(args.export_flag, json.loads(merged.read_text()).get("merge") or {},
-                    merged.parent)
+        from dataclasses import fields
+
+        from receler.merge import MergeConfig, recorded_settings
+
+        cli = build_parser().parse_args(["export", "--erasers", str(erasers), "--out",
+                                         str(merged.parent), *args.export_flag])
+        asked = MergeConfig(**{f.name: getattr(cli, f.name) for f in fields(MergeConfig)
+                               if getattr(cli, f.name) is not None}).to_dict()
+        recorded = recorded_settings(json.loads(merged.read_text())["merge"])
+        for key, value in asked.items():  # None: resolved by the export (retain: the anchors)
+            if (value is not None and key != "checkpoint_every" and key in recorded
+                    and recorded[key] != value):
+                raise SystemExit(f"error: {merged.parent} was exported with {key}="
+                                 f"{recorded[key]!r}, not {value!r}: pass the flags it was "
+                                 "exported with (--export-flag), or another --work")
 
 
 def label(r: dict) -> str:
@@ -230,12 +247,7 @@ def erase_step(args, method: str, concepts: list[str], seed: int) -> Path:
 
     if (out / CONFIG_FILE).is_file():
         return out
-    cmd = ["erase", *(f"--concept={c}" for c in concepts), "--method", method, "--out",
-           str(out), *(["--seed", str(seed)] if seeded(method) else []),
-           "--threads", str(args.threads), "--quiet",
-           *scaled_flags(method, len(concepts), args.model, args.erase_flag), *args.erase_flag]
-    if args.model:
-        cmd += ["--model", args.model]
+    cmd = erase_argv(args, method, concepts, seed)
     if (out / CHECKPOINT_FILE).is_file() and get_method(method).resumable:
         cmd.append("--resume")
     run(cmd, out.parent / "erase.log", args.threads)
@@ -483,7 +495,7 @@ def main(argv=None) -> int:
                 if seed != args.seeds[0] and not seeded(method):
                     continue  # a closed-form edit does not depend on the seed
                 base = folder(args, method, k, seed)
-                check_recorded(args, method, k, seed)
+                check_recorded(args, method, concepts, seed)
                 if args.collect:
                     done = [base / c / "results.json" for c in concepts]
                     if not all(f.is_file() for f in done):

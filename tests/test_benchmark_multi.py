@@ -100,9 +100,9 @@ def test_exported_row_measures_the_merged_unet_of_receler_s_erasers(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     erase = ["--iterations=2", "--adv-start=0", "--adv-steps=0", "--ddim-steps=3", "--rank=4",
              "--base-images=1"]
-    export = ["--iterations=2", "--adv-steps=1", "--eval-trajectories=0"]
+    exporting = ["--iterations=2", "--adv-steps=1", "--eval-trajectories=0"]
 
-    def bench(*extra, erase=erase, export=export):
+    def bench(*extra, erase=erase, export=exporting):
         return subprocess.run(
             [sys.executable, str(MULTI), "--methods", "receler-exported", "--k", "2", "--seeds",
              "0", "--order", "star,heart", "--work", str(work), "--base-work",
@@ -116,7 +116,7 @@ def test_exported_row_measures_the_merged_unet_of_receler_s_erasers(tmp_path):
     [row] = json.loads((out / "multi.json").read_text())
     assert (row["method"], row["k"], row["concepts"]) == ("receler-exported", 2, ["star", "heart"])
     # the flags the run was made with label its row
-    assert row["variant"] == " ".join(erase + export)
+    assert row["variant"] == " ".join(erase + exporting)
     assert f"| receler-exported ({row['variant']}) | 2 | 0 |" in (out / "multi.md").read_text()
     erasers = json.loads((work / "receler" / "k2_seed0" / "erasers" / "eraser_config.json")
                          .read_text())
@@ -130,13 +130,14 @@ def test_exported_row_measures_the_merged_unet_of_receler_s_erasers(tmp_path):
             + export["stats"]["unet_forward"] + export["stats"]["unet_backward"])
     assert row["unet_passes"] == both
 
-    # a collection cannot label the run with settings it was not made with ...
-    for wrong in (dict(erase=[*erase[:-2], "--rank=8"]),
-                  dict(export=["--iterations=2", "--adv-steps=3"])):
+    # a collection cannot label the run with settings it was not made with, given or left
+    # out ...
+    for wrong, says in ((dict(erase=[*erase[:-2], "--rank=8"]), "rank=4, not 8"),
+                        (dict(erase=erase[:-1]), "base_images=1, not 8"),
+                        (dict(export=["--iterations=2", "--adv-steps=3"]), "adv_steps=1, not 3"),
+                        (dict(export=exporting[:2]), "eval_trajectories=0, not 2")):
         proc = bench("--collect", **wrong)
-        assert proc.returncode != 0
-        assert ("rank=4, not --rank=8" in proc.stderr if "erase" in wrong
-                else "adv_steps=1, not --adv-steps=3" in proc.stderr), proc.stderr
+        assert proc.returncode != 0 and says in proc.stderr, proc.stderr
     # ... and --append keeps the rows of other work folders, replacing the same row
     other = {**row, "method": "receler", "variant": "--concept-balance=1"}
     (out / "multi.json").write_text(json.dumps([other, {**row, "acc_e": -1.0}]))
