@@ -61,7 +61,7 @@ SCALED = ("iterations", "adv_start")  # per-concept training settings, times k
 EXPORTED = "receler-exported"  # receler's erasers merged into the UNet (`receler export`)
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75)]
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
 def trained_by(method: str) -> str:
@@ -396,15 +396,24 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_picture(rows: list[dict], size: tuple[int, int] = (1180, 340)) -> Image.Image:
-    """Four panels against k, one line per method (seeds averaged): attack success (with
-    the pooled interval), Acc_L on the remaining classes, UNet passes (the cost that does
-    not depend on what else shares the CPU; 0 for closed-form edits) and training
-    seconds."""
+def to_picture(rows: list[dict], width: int = 1180) -> Image.Image:
+    """Four panels against k, one line per method and variant (seeds averaged): attack
+    success (with the pooled interval), Acc_L on the remaining classes, UNet passes (the
+    cost that does not depend on what else shares the CPU; 0 for closed-form edits) and
+    training seconds. The legend wraps below them."""
+    methods = list(dict.fromkeys(label(r) for r in rows))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend, x, line = [], 40, 0  # (x, line) of each method's entry
+    for method in methods:
+        entry = 30 + int(probe.textlength(method))
+        if x + entry > width - 20 and x > 40:
+            x, line = 40, line + 1
+        legend.append((x, line))
+        x += entry
+    size = (width, 340 + 18 * line)
     w, h = size
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    methods = list(dict.fromkeys(label(r) for r in rows))
     ks = sorted({r["k"] for r in rows})
     panels = [("soft attack success", "attack_success_soft", (0.0, 1.0)),
               ("Acc_L, classes not erased", "acc_l_remaining", (0.0, 1.0)),
@@ -412,7 +421,7 @@ def to_picture(rows: list[dict], size: tuple[int, int] = (1180, 340)) -> Image.I
               ("training seconds", "train_seconds", None)]
     pw = (w - 40) // len(panels)
     for p, (title, key, span) in enumerate(panels):
-        x0, y0, x1, y1 = 40 + p * pw, 40, 40 + p * pw + pw - 40, h - 60
+        x0, y0, x1, y1 = 40 + p * pw, 40, 40 + p * pw + pw - 40, 280
         vals = [r[key] for r in rows if r[key] is not None]
         lo, hi = span or (0.0, max(vals + [1.0]) * 1.1)
         d.rectangle((x0, y0, x1, y1), outline="black")
@@ -448,12 +457,11 @@ def to_picture(rows: list[dict], size: tuple[int, int] = (1180, 340)) -> Image.I
                 d.ellipse((x - 4, py(v) - 4, x + 4, py(v) + 4), fill=col)
             if len(points) > 1:
                 d.line(points, fill=col, width=2)
-    x = 40
-    for m, method in enumerate(methods):
+    for m, (method, (x, line)) in enumerate(zip(methods, legend, strict=True)):
         col = COLOURS[m % len(COLOURS)]
-        d.rectangle((x, h - 24, x + 10, h - 14), fill=col)
-        d.text((x + 16, h - 26), method, fill="black")
-        x += 30 + int(d.textlength(method))
+        y = 316 + 18 * line
+        d.rectangle((x, y, x + 10, y + 10), fill=col)
+        d.text((x + 16, y - 2), method, fill="black")
     return img
 
 
