@@ -167,11 +167,14 @@ def stale(out: Path, concept: str, method: str, flags: list[str], model: str | N
     for key, value in token.items():
         if done["attack"].get(key) != value:
             return f"token_{key}={done['attack'].get(key)}, not {value}"
+    from receler.merge import recorded_settings, retain_weight
+
     asked, export = export_settings(args), done.get("export")
     if export is not None:
-        from receler.merge import recorded_settings
-
         export = recorded_settings(export)
+    for settings in (asked, export):  # a run erases one concept: the default weight is 20
+        if settings is not None:
+            settings["retain_weight"] = retain_weight(settings.get("retain_weight"), 1)
     if export != asked:
         if export is None or asked is None:
             return f"export={'on' if export else 'off'}, not {'on' if asked else 'off'}"

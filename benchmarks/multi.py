@@ -185,12 +185,13 @@ def check_recorded(args, method: str, concepts: list[str], seed: int) -> None:
     if method == EXPORTED and merged.is_file():
         from dataclasses import fields
 
-        from receler.merge import MergeConfig, recorded_settings
+        from receler.merge import MergeConfig, recorded_settings, retain_weight
 
         cli = build_parser().parse_args(["export", "--erasers", str(erasers), "--out",
                                          str(merged.parent), *args.export_flag])
         asked = MergeConfig(**{f.name: getattr(cli, f.name) for f in fields(MergeConfig)
                                if getattr(cli, f.name) is not None}).to_dict()
+        asked["retain_weight"] = retain_weight(asked["retain_weight"], len(concepts))
         recorded = recorded_settings(json.loads(merged.read_text())["merge"])
         for key, value in asked.items():  # None: resolved by the export (retain: the anchors)
             if (value is not None and key != "checkpoint_every" and key in recorded

@@ -364,3 +364,25 @@ def test_protocol_export_options_are_checked_before_anything_loads(tmp_path, cap
 
     assert MergeConfig.from_options({"iterations": 300, "retain_weight": 5}) == \
         MergeConfig(iterations=300, retain_weight=5.0)
+
+
+def test_default_retain_weight_is_20_per_erased_concept():
+    """Every batch holds each erased concept and one attacked prompt beside the retain
+    prompts: the default weight grows with the concepts so that the retain terms keep their
+    share of the loss; a weight given is used as it is, whatever the number of concepts."""
+    from types import SimpleNamespace
+
+    from receler.merge import resolved_config
+
+    def resolved(concepts, **given):
+        saved = SimpleNamespace(train=None, concepts=concepts)
+        return resolved_config(MergeConfig(**given), saved).retain_weight
+
+    assert resolved(["star"]) == 20.0
+    assert resolved(["star", "heart", "moon"]) == 60.0
+    assert resolved(["star", "heart", "moon"], retain_weight=5.0) == 5.0
+    # an export's record keeps the number it ran with, so one recorded before the default
+    # grew (20 for five concepts) no longer matches what the default asks for
+    assert resolved(["star", "heart", "moon", "cross", "arrow"]) == 100.0
+    with pytest.raises(ValueError, match="retain_weight must be a positive number"):
+        MergeConfig(retain_weight=0.0)

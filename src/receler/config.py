@@ -374,7 +374,9 @@ class MergeConfig:
     defaults did best in a sweep on the toy model (docs/merge.md); ``retain_weight`` 20 and
     ``retain_target`` 'base' since 2026-12-06, when weight 1 towards the erased model lost
     heart's neighbours; ``adv_steps`` 20 (was 5) since 2026-12-06, when 5 let a 300-step
-    attack win back 0.15 of heart's attacked images (docs/merge.md)."""
+    attack win back 0.15 of heart's attacked images (docs/merge.md). ``retain_weight`` 20 per
+    erased concept (was 20 for any number) since 2026-12-07, when 20 with five concepts lost
+    diamond to half its rate and 100 kept it (docs/many_concepts.md)."""
 
     iterations: int = _f(600, "distillation iterations (one z_t each)")
     lr: float = _f(3e-4, "learning rate of the merged weights (Adam)")
@@ -384,9 +386,12 @@ class MergeConfig:
                             "stay the erased model's too (the empty prompt is always in; "
                             "prompts naming an erased concept are dropped; default: the "
                             "erasers' anchor prompts)")
-    retain_weight: float = _f(20.0, "weight of the retain prompts' and the empty prompt's "
-                                   "terms in the distillation loss, against 1 for the erased "
-                                   "concepts' and the attacked prompt's")
+    retain_weight: float | None = _f(None, "weight of the retain prompts' and the empty "
+                                           "prompt's terms in the distillation loss, against 1 "
+                                           "for the erased concepts' and the attacked prompt's "
+                                           "(default: 20 per erased concept, so that the retain "
+                                           "terms keep their share of the loss as concepts are "
+                                           "added)")
     retain_target: str = _f("base", "what the retain prompts and the empty prompt are "
                                       "distilled towards: 'erased' (the erased model's ε, "
                                       "erasers attached) or 'base' (the base model's ε, so "
@@ -432,7 +437,8 @@ class MergeConfig:
         if self.retain_target not in ("erased", "base"):
             raise ValueError(f"retain_target must be 'erased' or 'base', got "
                              f"{self.retain_target!r}")
-        if not (math.isfinite(self.retain_weight) and self.retain_weight > 0):
+        if self.retain_weight is not None and not (math.isfinite(self.retain_weight)
+                                                   and self.retain_weight > 0):
             raise ValueError(f"retain_weight must be a positive number, got {self.retain_weight}")
         groups = self.param_groups
         unknown = [g for g in groups if g not in PARAM_GROUPS]

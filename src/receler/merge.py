@@ -105,6 +105,17 @@ _BEFORE = {"retain_weight": 1.0, "retain_target": "erased", "adv_target": "erase
 _RESUMABLE_CHANGES = ("iterations", "eval_trajectories", "checkpoint_every")
 
 
+RETAIN_WEIGHT_PER_CONCEPT = 20.0  # MergeConfig.retain_weight's default, per erased concept
+
+
+def retain_weight(weight: float | None, concepts: int) -> float:
+    """The retain terms' weight of an export of ``concepts`` concepts: ``weight``, or, when
+    ``None``, :data:`RETAIN_WEIGHT_PER_CONCEPT` per concept. Every batch holds each erased
+    concept (and one attacked prompt) beside the retain prompts, so with a fixed weight the
+    retain terms' share of the loss would shrink as concepts are added."""
+    return float(weight) if weight is not None else RETAIN_WEIGHT_PER_CONCEPT * concepts
+
+
 def recorded_settings(merge: dict[str, Any]) -> dict[str, Any]:
     """An export's recorded settings (``merge_config.json``'s ``merge``, a checkpoint's) with
     each setting added since it was recorded at the value that export ran with."""
@@ -474,8 +485,9 @@ def merged_unet(unet: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torc
 
 
 def _resolve(config: MergeConfig, saved) -> tuple[MergeConfig, TrainConfig, list[str]]:
-    """``config`` with its ``None`` fields taken from the erasers' training settings, the
-    loop's TrainConfig and the retain prompts (the empty prompt left out: every batch
+    """``config`` with its ``None`` fields taken from the erasers' training settings (the
+    retain weight from their number of concepts), the loop's TrainConfig and the retain
+    prompts (the empty prompt left out: every batch
     holds it)."""
     from .train import mentions_concept
 
@@ -486,7 +498,8 @@ def _resolve(config: MergeConfig, saved) -> tuple[MergeConfig, TrainConfig, list
         "retain": train.anchors if config.retain is None else config.retain,
         "ddim_steps": config.ddim_steps or train.ddim_steps,
         "start_guidance": (train.start_guidance if config.start_guidance is None
-                           else config.start_guidance)})
+                           else config.start_guidance),
+        "retain_weight": retain_weight(config.retain_weight, len(saved.concepts))})
     concepts = list(saved.concepts)
     retain = [p.strip() for p in resolved.retain.split("|")]
     retain = list(dict.fromkeys(p for p in retain
