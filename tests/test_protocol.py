@@ -136,6 +136,13 @@ def test_checkpointed_run_with_other_settings_is_refused(prompt_sets, tiny_model
     assert settings_mismatch("receler-eraser-reg", train, saved) is None
     saved.train["reg_weight"] = 2.0
     assert settings_mismatch("receler-eraser-reg", train, saved) == "reg_weight=2.0, not 0.1"
+    # one concept has nothing to balance: a run recorded with another balance is the same run
+    one = EditConfig(method="receler", train=dataclasses.replace(train, concept_balance=0.0).to_dict())
+    assert settings_mismatch("receler", dataclasses.replace(train, concept_balance=1.0), one) is None
+    two = dataclasses.replace(train, concepts=["car", "dog"])
+    saved_two = EditConfig(method="receler", train=two.to_dict())
+    assert settings_mismatch("receler", dataclasses.replace(two, concept_balance=1.0),
+                             saved_two) == "concept_balance=0.0, not 1.0"
 
 
 def tiny_config(tmp_path, model_dir, prompt_sets, **kw) -> ProtocolConfig:

@@ -115,8 +115,13 @@ _RECELER_2026_11_25 = {"lr": 3e-3, "iterations": 300, "ddim_steps": 20,
 # Since 2026-12-04 the anchor weight is 15, not 50: with 50 on the whole retain set the
 # erasers never started on moon (Acc_E 1.00, seed 0); 15 erased it (Acc_E 0.00, Acc_L 1.00)
 # and kept every class erasing heart; 5 lost diamond (0.5) erasing heart.
+# Since 2026-12-07 (docs/many_concepts.md) several concepts are balanced (concept_balance 1;
+# nothing changes with one): five classes at once left moon, whose guidance is a fifth of
+# star's, unerased on training seed 1 (balanced: erased, and the pooled attack 0.42 -> 0.28);
+# on seed 2 both erased it.
 ERASE_DEFAULTS: dict[str, dict] = {
     "receler": {**_RECELER_2026_11_25, "reg_weight": 0.0, "anchor_weight": 15.0,
+                "concept_balance": 1.0,
                 "anchors": "|" + "|".join(f"an {c}" if c[0] in "aeiou" else f"a {c}"
                                           for c in CLASSES)},
     **{name: dict(_RECELER_2026_11_25)
