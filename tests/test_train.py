@@ -310,6 +310,25 @@ def test_concept_balance_resumes_exactly(tiny_model_dir, tmp_path):
     assert all(v > 0 for v in t_full.guidance_energy.values())
 
 
+def test_a_one_concept_checkpoint_resumes_under_another_balance(pipe, tmp_path):
+    """The balance changes nothing with one concept, so a checkpoint made before a model
+    recommended it resumes; with two it is a different run."""
+    stop = lambda tr, r: tr.request_stop() if r.iteration == 1 else None  # noqa: E731
+    for concepts in ("car", "car, dog"):
+        out = tmp_path / concepts.replace(", ", "_")
+        with pytest.raises(TrainingInterrupted):
+            Trainer(pipe, config(concepts=concepts, concept_balance=0.0), out,
+                    callbacks=[stop]).train()
+        remove_erasers(pipe.unet)
+        resumed = Trainer(pipe, config(concepts=concepts, concept_balance=1.0), out)
+        if concepts == "car":
+            resumed.train(resume=True)
+        else:
+            with pytest.raises(ValueError, match="concept_balance=0.0, not 1.0"):
+                resumed.train(resume=True)
+        remove_erasers(pipe.unet)
+
+
 def test_anchors_naming_an_erased_concept_are_dropped(pipe, tmp_path):
     from receler.train import mentions_concept
 
