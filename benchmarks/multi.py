@@ -159,43 +159,36 @@ def erase_argv(args, method: str, concepts: list[str], seed: int) -> list[str]:
 
 
 def check_recorded(args, method: str, concepts: list[str], seed: int) -> None:
-    """Refuse a finished or checkpointed eraser set trained with other settings than these
+    """Refuse a finished eraser set trained with other settings than these
     flags ask for (so a row cannot carry another run's label: a balanced set collected
     without its flag is refused, not called ``receler``), and, for EXPORTED, a merged UNet
     exported with other settings than the export flags ask for."""
-    from receler.cli import _train_config, build_parser
-    from receler.merge import MERGE_FILE
+    from receler.cli import _merge_config, _train_config, build_parser
+    from receler.merge import MERGE_FILE, recorded_settings, resolved_config
     from receler.methods.edits import EditConfig
     from receler.methods.registry import settings_mismatch
-    from receler.serialization import CHECKPOINT_FILE, CONFIG_FILE
+    from receler.serialization import CONFIG_FILE
 
     trainer = trained_by(method)
     erasers = folder(args, trainer, len(concepts), seed) / "erasers"
-    saved = erasers / CONFIG_FILE
-    if not saved.is_file() and (erasers / CHECKPOINT_FILE).is_file():
-        saved = None  # a checkpoint: `receler erase --resume` checks it itself
-    if saved is not None and saved.is_file():
-        cli = build_parser().parse_args(erase_argv(args, trainer, concepts, seed))
-        why = settings_mismatch(trainer, _train_config(cli, cli.concept, trainer, quiet=True),
-                                EditConfig.load(saved))
-        if why:
-            raise SystemExit(f"error: {erasers} was trained with {why}: pass the flags it was "
-                             "trained with (--erase-flag), or another --work")
+    if not (erasers / CONFIG_FILE).is_file():
+        return  # not trained yet, or a checkpoint: `receler erase --resume` checks that itself
+    saved = EditConfig.load(erasers / CONFIG_FILE)
+    cli = build_parser().parse_args(erase_argv(args, trainer, concepts, seed))
+    why = settings_mismatch(trainer, _train_config(cli, cli.concept, trainer, quiet=True), saved)
+    if why:
+        raise SystemExit(f"error: {erasers} was trained with {why}: pass the flags it was "
+                         "trained with (--erase-flag), or another --work")
     merged = folder(args, method, len(concepts), seed) / "merged_unet" / MERGE_FILE
     if method == EXPORTED and merged.is_file():
-        from dataclasses import fields
-
-        from receler.merge import MergeConfig, recorded_settings, retain_weight
-
+        # both as the export runs them: None settings taken from the erasers (as the
+        # protocol checks a finished export)
         cli = build_parser().parse_args(["export", "--erasers", str(erasers), "--out",
                                          str(merged.parent), *args.export_flag])
-        asked = MergeConfig(**{f.name: getattr(cli, f.name) for f in fields(MergeConfig)
-                               if getattr(cli, f.name) is not None}).to_dict()
-        asked["retain_weight"] = retain_weight(asked["retain_weight"], len(concepts))
+        asked = resolved_config(_merge_config(cli), saved).to_dict()
         recorded = recorded_settings(json.loads(merged.read_text())["merge"])
-        for key, value in asked.items():  # None: resolved by the export (retain: the anchors)
-            if (value is not None and key != "checkpoint_every" and key in recorded
-                    and recorded[key] != value):
+        for key, value in asked.items():
+            if key != "checkpoint_every" and key in recorded and recorded[key] != value:
                 raise SystemExit(f"error: {merged.parent} was exported with {key}="
                                  f"{recorded[key]!r}, not {value!r}: pass the flags it was "
                                  "exported with (--export-flag), or another --work")
@@ -479,16 +472,16 @@ def write(rows: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-def key(r: dict) -> tuple:
+def row_key(r: dict) -> tuple:
     return r["method"], r.get("variant") or "", r["k"], r["seed"]
 
 
 def merged_rows(kept: list[dict], rows: list[dict]) -> list[dict]:
     """``kept`` with any row of the same method, variant, k and seed replaced by the one in
     ``rows``, then the rows that are new."""
-    new = {key(r): r for r in rows}
-    out = [new.pop(key(r), r) for r in kept]
-    return out + [r for r in rows if key(r) in new]
+    new = {row_key(r): r for r in rows}
+    out = [new.pop(row_key(r), r) for r in kept]
+    return out + [r for r in rows if row_key(r) in new]
 
 
 def main(argv=None) -> int:

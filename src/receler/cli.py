@@ -191,11 +191,18 @@ def _add_export_parser(sub) -> None:
     x.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def cmd_export(args, argv: list[str]) -> int:
-    from .merge import MergeConfig, check_erasers_folder, check_out
+def _merge_config(args):
+    """The MergeConfig that ``receler export``'s flags ask for (a flag left out: the default)."""
+    from .merge import MergeConfig
 
-    config = MergeConfig(**{f.name: getattr(args, f.name) for f in fields(MergeConfig)
-                            if getattr(args, f.name) is not None})
+    return MergeConfig(**{f.name: getattr(args, f.name) for f in fields(MergeConfig)
+                          if getattr(args, f.name) is not None})
+
+
+def cmd_export(args, argv: list[str]) -> int:
+    from .merge import check_erasers_folder, check_out
+
+    config = _merge_config(args)
     saved = check_erasers_folder(args.erasers)
     check_out(args.out, overwrite=args.overwrite, resume=args.resume)
 

@@ -327,6 +327,11 @@ class TrainConfig:
     def anchor_prompts(self) -> list[str]:
         return [a.strip() for a in self.anchors.split("|")]
 
+    def inert(self, key: str) -> bool:
+        """Whether setting ``key`` changes nothing here (the concept balance with one
+        concept), so that two runs differing only in it are the same run."""
+        return key == "concept_balance" and len(self.concepts) == 1
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -119,8 +119,8 @@ class TrainingLoop:
         for key, value in saved.items():
             if key in RESUME_FREE or key not in asked or asked[key] == value:
                 continue
-            if key == "concept_balance" and len(self.config.concepts) == 1:
-                continue  # one concept: nothing to balance
+            if self.config.inert(key):
+                continue
             flag = "--concept" if key == "concepts" else "--" + key.replace("_", "-")
             raise ValueError(f"checkpoint {path} was trained with {key}={value!r}, not "
                              f"{asked[key]!r}: resume with the same {flag}, or start again "

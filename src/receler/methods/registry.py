@@ -229,8 +229,8 @@ def settings_mismatch(name: str, config: TrainConfig, saved: EditConfig) -> str 
             continue
         if key.startswith("adv_") and key != "adv_steps" and asked.get("adv_steps") == 0:
             continue  # no attack: its settings change nothing
-        if key == "concept_balance" and len(config.concepts) == 1:
-            continue  # one concept: nothing to balance
+        if config.inert(key):
+            continue  # e.g. the concept balance with one concept
         if key in saved.train and saved.train[key] != asked[key]:
             return f"{key}={saved.train[key]!r}, not {asked[key]!r}"
     if get_method(name).options is not None and saved.options:
